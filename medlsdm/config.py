@@ -1,0 +1,231 @@
+"""Typed configuration: dataclasses, YAML presets (``tiny``, ``paper``) and the resolved-config file.
+
+Every run writes ``config.yaml`` (the fully resolved config) beside its outputs, so a run directory is
+self-describing: ``load_config(run_dir / "config.yaml")`` rebuilds exactly what produced it.
+
+Axis convention used everywhere inside medlsdm: spatial shapes are ``(D, H, W)`` (slices, rows,
+columns) and tensors are ``(B, C, D, H, W)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from medlsdm.errors import UserError
+
+PRESETS_DIR = Path(__file__).parent / "configs"
+PRESETS = ("tiny", "paper")
+
+
+@dataclass
+class DataConfig:
+    """How raw images / label maps become training tensors (see ``medlsdm.data.transforms``)."""
+
+    shape: tuple[int, int, int] = (32, 256, 256)  # target (D, H, W) after crop/pad or resize
+    modality: str = "ct"  # "ct" (window clip) or "mr" (percentile clip)
+    ct_window: tuple[float, float] = (-1000.0, 1000.0)  # HU range mapped to [-1, 1]
+    mr_percentiles: tuple[float, float] = (0.5, 99.5)  # percentile range mapped to [-1, 1]
+    orientation: str = "RAS"
+    spacing: Optional[tuple[float, float, float]] = None  # target voxel size (D, H, W) in mm; None keeps it
+    resize_mode: str = "crop_pad"  # "crop_pad" (centre crop / pad) or "resize" (trilinear / nearest)
+    num_classes: int = 6  # C, background included
+    # original label value -> class index; None means the values already are 0..C-1
+    label_remap: Optional[dict[int, int]] = None
+    label_names: list[str] = field(default_factory=lambda: ["background", "body", "liver", "kidney", "spine", "lesion"])
+    cache_dir: Optional[str] = None  # preprocessed samples are cached here when set
+    num_workers: int = 0
+
+
+@dataclass
+class VQGANConfig:
+    """Stage 1: 3D VQ-GAN (paper section 3.2)."""
+
+    channels: int = 16  # width of the first encoder stage (doubled at each downsampling)
+    downsample: tuple[int, int, int] = (4, 4, 4)  # compression per axis (D, H, W)
+    embedding_dim: int = 8  # latent channels = code dimension
+    n_codes: int = 16384  # codebook size K
+    num_res_blocks: int = 1
+    commitment_beta: float = 0.25
+    codebook_update: str = "ema"  # "ema" (EMA updates) or "loss" (codebook loss, eq. 3)
+    ema_decay: float = 0.99
+    dead_code_threshold: float = 1.0  # codes with EMA usage below this are re-initialised from encoder outputs
+    quantize_chunk: int = 4096  # latent vectors per distance-matrix chunk (never the full N x K matrix)
+    l1_weight: float = 4.0
+    perceptual_weight: float = 1.0
+    # perceptual backbone: "vgg16" (needs perceptual_weights, torchvision's ImageNet file),
+    # "random-vgg16" (randomly initialised, named as such in logs) or "none" (no perceptual term)
+    perceptual_backbone: str = "none"
+    perceptual_weights: Optional[str] = None
+    disc_channels: int = 64
+    disc_layers: int = 3
+    disc_start_step: int = 2000  # discriminators switch on at this step
+    gan_loss: str = "hinge"  # "hinge" or "vanilla" (non-saturating)
+    image_gan_weight: float = 1.0  # 2D slice discriminator
+    volume_gan_weight: float = 1.0  # 3D patch discriminator
+    feature_match_weight: float = 4.0
+    adaptive_weight_max: float = 1e4
+
+
+@dataclass
+class LDMConfig:
+    """Stage 2: latent semantic diffusion model (paper section 3.3)."""
+
+    model_channels: int = 64
+    channel_mult: tuple[int, ...] = (1, 2, 4)
+    num_res_blocks: int = 2
+    attention_levels: tuple[int, ...] = (1, 2)  # U-Net levels (0 = full latent res) with attention
+    num_heads: int = 4
+    semantic_channels: int = 32  # width of the semantic-map encoder features
+    dropout: float = 0.0
+    num_timesteps: int = 1000  # T (authors' code: 500)
+    schedule: str = "cosine"
+    objective: str = "eps"  # "eps" (paper) or "x0" / "v"
+    loss: str = "l2"  # "l2" (paper eq. 13) or "l1" (authors' code)
+    cond_drop_prob: float = 0.1  # label map dropped with this probability (trains the unconditional branch)
+    guidance_scale: float = 1.0  # 1.0 = conditional model only (authors' code: 1.5)
+    ema_decay: float = 0.999
+    sampler: str = "ddim"
+    sampling_steps: int = 50
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping for one training stage."""
+
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    batch_size: int = 2
+    grad_accum: int = 1
+    max_steps: int = 100000
+    log_every: int = 10
+    val_every: int = 1000
+    ckpt_every: int = 1000
+    precision: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU), "bf16", "fp32"
+    grad_clip: float = 1.0
+    val_fraction: float = 0.1
+
+
+@dataclass
+class Config:
+    """Everything a run needs."""
+
+    name: str = "custom"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    vqgan: VQGANConfig = field(default_factory=VQGANConfig)
+    ldm: LDMConfig = field(default_factory=LDMConfig)
+    train_vqgan: TrainConfig = field(default_factory=TrainConfig)
+    train_ldm: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(asdict(self))
+
+
+def _plain(obj: Any) -> Any:
+    """Tuples -> lists, recursively, so YAML stays readable."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    """Convert a YAML value to the dataclass field type ``tp`` (tuples, Optionals, dicts, nested)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if value is None:
+        if origin is typing.Union and type(None) in args:
+            return None
+        raise UserError(f"config: '{where}' may not be empty")
+    if origin is typing.Union:
+        inner = [a for a in args if a is not type(None)][0]
+        return _coerce(inner, value, where)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise UserError(f"config: '{where}' must be a mapping")
+        return _from_dict(tp, value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"config: '{where}' must be a list")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, where) for v in value)
+        if len(value) != len(args):
+            raise UserError(f"config: '{where}' must have {len(args)} values, got {len(value)}")
+        return tuple(_coerce(a, v, where) for a, v in zip(args, value))
+    if origin is list:
+        return [_coerce(args[0], v, where) for v in value]
+    if origin is dict:
+        return {_coerce(args[0], k, where): _coerce(args[1], v, where) for k, v in value.items()}
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, str, bool) and not isinstance(value, tp):
+        try:
+            return tp(value) if tp is not bool else bool(value)
+        except (TypeError, ValueError):
+            raise UserError(f"config: '{where}' must be {tp.__name__}, got {value!r}") from None
+    return value
+
+
+def _from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise UserError(f"config: unknown key(s) {sorted(unknown)} in '{where or 'top level'}'")
+    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _deep_update(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = _deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: config file not found") from None
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a config file must be a mapping")
+    return data
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Build a Config from a (possibly partial) dict; a ``base`` key names a preset to start from."""
+    data = dict(data)
+    base = data.pop("base", None)
+    if base is not None:
+        data = _deep_update(_read_yaml(PRESETS_DIR / f"{base}.yaml"), data)
+        data.pop("base", None)
+    return _from_dict(Config, data)
+
+
+def load_config(name_or_path: str | Path, overrides: Optional[dict[str, Any]] = None) -> Config:
+    """Load a preset by name (``tiny``/``paper``) or a YAML file; ``overrides`` is a nested dict."""
+    key = str(name_or_path)
+    path = PRESETS_DIR / f"{key}.yaml" if key in PRESETS else Path(key)
+    data = _read_yaml(path)
+    if overrides:
+        data = _deep_update(data, overrides)
+    return config_from_dict(data)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    from medlsdm.io import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,106 @@
+"""Atomic file writes and safe checkpoint loading.
+
+Nothing is ever half-written: every file goes to a temporary sibling first and is moved into place
+with ``os.replace``. Weights are stored as safetensors; training state (optimiser, RNG, step) with
+``torch.save`` and read back with ``torch.load(weights_only=True)`` only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from medlsdm.errors import UserError
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; it replaces ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def save_weights(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Save a state dict as safetensors, atomically (shared storage is cloned, tensors made contiguous)."""
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Load a safetensors file, or raise a one-line UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"{path}: not a readable safetensors checkpoint ({exc})") from None
+
+
+def load_into(module: torch.nn.Module, path: Path, what: str = "model") -> None:
+    """Load weights into ``module`` strictly; a checkpoint of another architecture is a UserError."""
+    state = load_weights(path)
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        detail = []
+        if missing:
+            detail.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            detail.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if wrong:
+            k = wrong[0]
+            detail.append(f"{len(wrong)} with other shapes (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})")
+        raise UserError(f"{path}: checkpoint does not fit this {what} architecture: " + "; ".join(detail))
+    module.load_state_dict(state)
+
+
+def save_state(obj: dict[str, Any], path: Path) -> None:
+    """Save training state (optimiser, RNG, counters) with torch.save, atomically."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """Load training state with ``weights_only=True`` (no code execution)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: training state not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupt / unsafe files
+        raise UserError(f"{path}: not a readable training-state file ({type(exc).__name__})") from None
+
+
+def file_sha256(path: Path, length: int = 12) -> str:
+    """Short SHA-256 of a file, used to name the exact weights behind a metric or a run."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:length]
