@@ -62,6 +62,8 @@ class VQGANConfig:
     # "random-vgg16" (randomly initialised, named as such in logs) or "none" (no perceptual term)
     perceptual_backbone: str = "none"
     perceptual_weights: Optional[str] = None
+    perceptual_lpips_weights: Optional[str] = None  # optional LPIPS linear-layer file (lpips' vgg.pth)
+    perceptual_slices: int = 4  # slices per volume (along D) compared by the perceptual loss; 0 = all
     disc_channels: int = 64
     disc_layers: int = 3
     disc_start_step: int = 2000  # discriminators switch on at this step
@@ -92,6 +94,8 @@ class LDMConfig:
     ema_decay: float = 0.999
     sampler: str = "ddim"
     sampling_steps: int = 50
+    clip_sample: bool = True  # clip the predicted x0 to [-1, 1] at every sampling step
+    use_checkpoint: bool = False  # gradient checkpointing in the U-Net (saves memory on large volumes)
 
 
 @dataclass

@@ -1,0 +1,215 @@
+"""Building blocks of the semantic U-Net: timestep embedding, encoder/decoder res-blocks, SPADE,
+cross-slice and spatial attention, and shape-aware down/up-sampling.
+
+All tensors are ``(B, C, D, H, W)``. Equation numbers refer to the Med-LSDM paper (section 3.3).
+
+Down-sampling rule (shared by the U-Net and the semantic encoder): at each level an axis is halved
+if and only if its current size is even and greater than 1; other axes keep their size (stride 1).
+So (4, 16, 16) -> (2, 8, 8) -> (1, 4, 4) -> (1, 2, 2), and (2, 8, 12) -> (1, 4, 6) -> (1, 2, 3) -> (1, 1, 3).
+Up-sampling always returns to the exact size of the matching skip connection.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
+from torch import nn
+
+
+def norm_groups(channels: int) -> int:
+    """Number of GroupNorm groups for ``channels`` (32 when possible, else the largest divisor of 32)."""
+    return math.gcd(32, channels)
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    """Zero all parameters of ``module`` so a residual branch starts as the identity."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+def halving_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Per-axis stride of one down-sampling step: 2 where the size is even and > 1, else 1."""
+    return tuple(2 if (s > 1 and s % 2 == 0) else 1 for s in shape)
+
+
+def level_shapes(shape: tuple[int, int, int], levels: int) -> list[tuple[int, int, int]]:
+    """Spatial shape ``(d, h, w)`` at each of ``levels`` U-Net levels (level 0 = ``shape``)."""
+    shapes = [tuple(shape)]
+    for _ in range(levels - 1):
+        shapes.append(tuple(s // k for s, k in zip(shapes[-1], halving_strides(shapes[-1]))))
+    return shapes
+
+
+class TimestepEmbedding(nn.Module):
+    """Sinusoidal embedding of ``t`` followed by an MLP: ``(B,)`` -> ``(B, emb_channels)``."""
+
+    def __init__(self, channels: int, emb_channels: int) -> None:
+        super().__init__()
+        self.channels = channels
+        self.mlp = nn.Sequential(nn.Linear(channels, emb_channels), nn.SiLU(), nn.Linear(emb_channels, emb_channels))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        emb = get_timestep_embedding(t.float().reshape(-1), self.channels)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+
+
+class TimestepScaleShift(nn.Module):
+    """Eq. 14: ``h * (1 + scale) + shift`` with ``(scale, shift)`` projected from the timestep embedding."""
+
+    def __init__(self, emb_channels: int, channels: int) -> None:
+        super().__init__()
+        self.proj = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, 2 * channels))
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.proj(emb)[:, :, None, None, None].chunk(2, dim=1)
+        return h * (1 + scale) + shift
+
+
+class SPADE(nn.Module):
+    """Eq. 15: parameter-free GroupNorm, then ``norm(x) * (1 + gamma) + beta`` with spatially varying
+    ``gamma, beta`` computed by small convs from the semantic features ``seg`` (B, S, d', h', w'),
+    which are resized to the resolution of ``x`` (B, C, d, h, w) first if they differ."""
+
+    def __init__(self, channels: int, semantic_channels: int, hidden: int | None = None) -> None:
+        super().__init__()
+        hidden = hidden or semantic_channels
+        self.norm = nn.GroupNorm(norm_groups(channels), channels, affine=False)
+        self.shared = nn.Sequential(nn.Conv3d(semantic_channels, hidden, 3, padding=1), nn.SiLU())
+        self.gamma = nn.Conv3d(hidden, channels, 3, padding=1)
+        self.beta = nn.Conv3d(hidden, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
+        if seg.shape[2:] != x.shape[2:]:
+            seg = F.interpolate(seg, size=x.shape[2:], mode="nearest")
+        actv = self.shared(seg)
+        return self.norm(x) * (1 + self.gamma(actv)) + self.beta(actv)
+
+
+class EncoderResBlock(nn.Module):
+    """GroupNorm-SiLU-Conv, timestep scale/shift (eq. 14) on the second norm, SiLU-Dropout-Conv, residual.
+
+    ``forward(x (B, C_in, d, h, w), emb (B, E)) -> (B, C_out, d, h, w)``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, emb_channels: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.in_layers = nn.Sequential(
+            nn.GroupNorm(norm_groups(in_channels), in_channels), nn.SiLU(), nn.Conv3d(in_channels, out_channels, 3, padding=1)
+        )
+        self.out_norm = nn.GroupNorm(norm_groups(out_channels), out_channels)
+        self.time = TimestepScaleShift(emb_channels, out_channels)
+        self.out_layers = nn.Sequential(
+            nn.SiLU(), nn.Dropout(dropout), zero_module(nn.Conv3d(out_channels, out_channels, 3, padding=1))
+        )
+        self.skip = nn.Identity() if in_channels == out_channels else nn.Conv3d(in_channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.in_layers(x)
+        h = self.out_layers(self.time(self.out_norm(h), emb))
+        return self.skip(x) + h
+
+
+class DecoderResBlock(nn.Module):
+    """As :class:`EncoderResBlock` but both norms are :class:`SPADE` driven by the semantic features.
+
+    ``forward(x (B, C_in, d, h, w), emb (B, E), seg (B, S, d, h, w)) -> (B, C_out, d, h, w)``.
+    """
+
+    def __init__(
+        self, in_channels: int, out_channels: int, emb_channels: int, semantic_channels: int, dropout: float = 0.0
+    ) -> None:
+        super().__init__()
+        self.in_norm = SPADE(in_channels, semantic_channels)
+        self.in_conv = nn.Sequential(nn.SiLU(), nn.Conv3d(in_channels, out_channels, 3, padding=1))
+        self.out_norm = SPADE(out_channels, semantic_channels)
+        self.time = TimestepScaleShift(emb_channels, out_channels)
+        self.out_layers = nn.Sequential(
+            nn.SiLU(), nn.Dropout(dropout), zero_module(nn.Conv3d(out_channels, out_channels, 3, padding=1))
+        )
+        self.skip = nn.Identity() if in_channels == out_channels else nn.Conv3d(in_channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
+        h = self.in_conv(self.in_norm(x, seg))
+        h = self.out_layers(self.time(self.out_norm(h, seg), emb))
+        return self.skip(x) + h
+
+
+class _AxisAttention(nn.Module):
+    """Multi-head self-attention over token sequences ``(N, L, C)`` with a per-token LayerNorm
+    (so no statistic mixes positions that do not attend to each other) and a zero-initialised output
+    projection (the block starts as the identity)."""
+
+    def __init__(self, channels: int, num_heads: int) -> None:
+        super().__init__()
+        if channels % num_heads:
+            raise ValueError(f"channels ({channels}) must be divisible by num_heads ({num_heads})")
+        self.num_heads = num_heads
+        self.norm = nn.LayerNorm(channels)
+        self.qkv = nn.Linear(channels, 3 * channels, bias=False)
+        self.proj = zero_module(nn.Linear(channels, channels))
+
+    def attend(self, tokens: torch.Tensor) -> torch.Tensor:
+        n, length, c = tokens.shape
+        q, k, v = self.qkv(self.norm(tokens)).reshape(n, length, 3, self.num_heads, c // self.num_heads).unbind(2)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return tokens + self.proj(out.transpose(1, 2).reshape(n, length, c))
+
+
+class CrossSliceAttention(_AxisAttention):
+    """Attention along depth D: for every (h, w) position the D slices attend to each other.
+
+    ``(B, C, D, H, W) -> (B, C, D, H, W)``; (h, w) columns never exchange information here.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, d, h, w = x.shape
+        tokens = x.permute(0, 3, 4, 2, 1).reshape(b * h * w, d, c)
+        return self.attend(tokens).reshape(b, h, w, d, c).permute(0, 4, 3, 1, 2)
+
+
+class SpatialAttention(_AxisAttention):
+    """Attention within each slice: the h*w positions of one slice attend to each other.
+
+    ``(B, C, D, H, W) -> (B, C, D, H, W)``; slices never exchange information here.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, d, h, w = x.shape
+        tokens = x.permute(0, 2, 3, 4, 1).reshape(b * d, h * w, c)
+        return self.attend(tokens).reshape(b, d, h, w, c).permute(0, 4, 1, 2, 3)
+
+
+class AttentionBlock(nn.Sequential):
+    """Cross-slice attention followed by spatial attention (the paper's pair), ``(B,C,D,H,W)`` in and out."""
+
+    def __init__(self, channels: int, num_heads: int) -> None:
+        super().__init__(CrossSliceAttention(channels, num_heads), SpatialAttention(channels, num_heads))
+
+
+class Downsample(nn.Module):
+    """3x3x3 conv whose stride follows :func:`halving_strides` of the input's spatial shape."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        stride = halving_strides(tuple(x.shape[2:]))
+        return F.conv3d(x, self.conv.weight, self.conv.bias, stride=stride, padding=1)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour resize to ``size`` (the matching skip's spatial shape), then a 3x3x3 conv."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+        if tuple(x.shape[2:]) != tuple(size):
+            x = F.interpolate(x, size=tuple(size), mode="nearest")
+        return self.conv(x)

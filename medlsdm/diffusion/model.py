@@ -1,0 +1,120 @@
+"""``LatentDiffusion``: the semantic U-Net + the noise schedule + the training objective + sampling.
+
+Training (eq. 13): ``t ~ U[0, T)``, ``noise ~ N(0, I)``, ``x_t = q_sample(x0, t, noise)``, the label map
+is dropped (null condition) with probability ``cond_drop_prob`` so the unconditional branch used by
+guidance is trained too, and the U-Net regresses the objective's target with an L2 or L1 loss.
+Sampling: a sampler from :mod:`medlsdm.diffusion.samplers` over ``guided_model_fn``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medlsdm.config import LDMConfig
+from medlsdm.diffusion.guidance import guided_model_fn
+from medlsdm.diffusion.samplers import make_sampler
+from medlsdm.diffusion.samplers.base import randn
+from medlsdm.diffusion.schedule import NoiseSchedule, check_objective
+from medlsdm.diffusion.unet import SemanticUNet
+from medlsdm.errors import UserError
+
+LOSSES = ("l2", "l1")
+
+
+class LatentDiffusion(nn.Module):
+    """``LatentDiffusion(unet, schedule, objective="eps", loss="l2", cond_drop_prob=0.1)``.
+
+    ``unet`` is a :class:`SemanticUNet` (its ``in_channels`` and ``image_down`` define the latent shape).
+    Only ``unet`` holds parameters; the schedule is rebuilt from the config when loading.
+    """
+
+    def __init__(
+        self,
+        unet: SemanticUNet,
+        schedule: NoiseSchedule,
+        objective: str = "eps",
+        loss: str = "l2",
+        cond_drop_prob: float = 0.1,
+        clip_sample: bool = True,
+    ) -> None:
+        super().__init__()
+        check_objective(objective)
+        if loss not in LOSSES:
+            raise UserError(f"config: unknown diffusion loss '{loss}' (choose from {', '.join(LOSSES)})")
+        if not 0.0 <= cond_drop_prob <= 1.0:
+            raise UserError(f"config: cond_drop_prob must be in [0, 1], got {cond_drop_prob}")
+        self.unet = unet
+        self.schedule = schedule
+        self.objective = objective
+        self.loss = loss
+        self.cond_drop_prob = cond_drop_prob
+        self.clip_sample = clip_sample
+
+    @classmethod
+    def from_config(
+        cls, cfg: LDMConfig, num_classes: int, image_down: tuple[int, int, int], in_channels: int = 8
+    ) -> "LatentDiffusion":
+        unet = SemanticUNet(cfg, in_channels=in_channels, num_classes=num_classes, image_down=image_down)
+        schedule = NoiseSchedule(cfg.num_timesteps, cfg.schedule)
+        return cls(unet, schedule, cfg.objective, cfg.loss, cfg.cond_drop_prob, cfg.clip_sample)
+
+    def forward(
+        self, x_t: torch.Tensor, t: torch.Tensor, labels_onehot: torch.Tensor | None, drop: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The raw U-Net output for the objective, ``(B, 8, d, h, w)``."""
+        return self.unet(x_t, t, labels_onehot, drop)
+
+    def training_loss(
+        self, x0: torch.Tensor, labels_onehot: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """``x0`` (B, 8, d, h, w) latents in [-1, 1], ``labels_onehot`` (B, C, D, H, W) -> (scalar loss, logs).
+
+        Randomness (t, noise, drop mask) comes from ``generator`` (on its device) when given.
+        """
+        b, device = x0.shape[0], x0.device
+        src = generator.device if generator is not None else torch.device("cpu")
+        t = self.schedule.sample_timesteps(b, generator).to(device)
+        noise = randn(tuple(x0.shape), generator, device, x0.dtype)
+        drop = (torch.rand(b, generator=generator, device=src) < self.cond_drop_prob).to(device)
+        x_t = self.schedule.q_sample(x0, t, noise)
+        output = self.unet(x_t, t, labels_onehot, drop)
+        target = self.schedule.target(self.objective, x0, t, noise)
+        err = F.mse_loss(output.float(), target.float()) if self.loss == "l2" else F.l1_loss(output.float(), target.float())
+        logs = {"loss": float(err.detach()), "t_mean": float(t.float().mean()), "drop_frac": float(drop.float().mean())}
+        return err, logs
+
+    def latent_shape(self, labels_onehot: torch.Tensor) -> tuple[int, ...]:
+        """``(B, in_channels, D/fd, H/fh, W/fw)`` for a label map ``(B, C, D, H, W)``."""
+        b, _, *spatial = labels_onehot.shape
+        down = self.unet.image_down
+        if any(s % f for s, f in zip(spatial, down)):
+            raise ValueError(f"label map spatial shape {tuple(spatial)} is not divisible by image_down {down}")
+        return (b, self.unet.in_channels, *(s // f for s, f in zip(spatial, down)))
+
+    @torch.no_grad()
+    def sample(
+        self,
+        labels_onehot: torch.Tensor,
+        sampler: str = "ddim",
+        steps: int | None = None,
+        guidance_scale: float = 1.0,
+        eta: float = 0.0,
+        generator: torch.Generator | None = None,
+        progress: bool = True,
+    ) -> torch.Tensor:
+        """Latents ``(B, 8, d, h, w)`` in [-1, 1] (when clipping) for the label map ``(B, C, D, H, W)``.
+
+        ``sampler``: "ddpm" (all T steps) or "ddim" (``steps``, ``eta``). The network runs in eval mode.
+        """
+        device = next(self.unet.parameters()).device
+        labels_onehot = labels_onehot.to(device)
+        chain = make_sampler(sampler, self.schedule, steps, eta, self.objective, 1.0 if self.clip_sample else None)
+        was_training = self.training
+        self.eval()
+        try:
+            model_fn = guided_model_fn(self.unet, labels_onehot, guidance_scale)
+            return chain.sample(model_fn, self.latent_shape(labels_onehot), generator, progress, device)
+        finally:
+            self.train(was_training)

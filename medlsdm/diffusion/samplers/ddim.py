@@ -1,0 +1,52 @@
+"""DDIM sampling (Song et al. 2021, eq. 12) on S evenly spaced timesteps with stochasticity ``eta``.
+
+``x_prev = sqrt(ab_prev) * x0 + sqrt(1 - ab_prev - sigma^2) * eps + sigma * z`` with
+``sigma = eta * sqrt((1 - ab_prev) / (1 - ab_t)) * sqrt(1 - ab_t / ab_prev)`` and ``ab_prev = 1`` after
+the last step. ``eta = 0`` is deterministic; ``S = T, eta = 1`` is exactly ancestral DDPM.
+
+Not MONAI's ``DDIMScheduler``: its ``step`` takes the previous timestep as ``t - T // S`` while
+``set_timesteps`` spaces the timesteps with ``linspace(...).round()``; when S does not divide T
+(e.g. T = 1000, S = 25 in the tiny preset) the two disagree and the chain uses wrong alphas.
+Here the previous timestep is always the next one in the list.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from medlsdm.diffusion.samplers.base import Sampler, randn
+from medlsdm.diffusion.schedule import NoiseSchedule
+
+
+class DDIMSampler(Sampler):
+    """``DDIMSampler(schedule, steps=50, eta=0.0, objective="eps", clip=1.0)``."""
+
+    def __init__(
+        self,
+        schedule: NoiseSchedule,
+        steps: int = 50,
+        eta: float = 0.0,
+        objective: str = "eps",
+        clip: float | None = 1.0,
+    ) -> None:
+        super().__init__(schedule, objective, clip)
+        if not 1 <= steps <= schedule.num_timesteps:
+            raise ValueError(f"DDIM steps must be in [1, {schedule.num_timesteps}], got {steps}")
+        self.steps = steps
+        self.eta = eta
+
+    def timesteps(self) -> list[int]:
+        t = torch.linspace(self.schedule.num_timesteps - 1, 0, self.steps, dtype=torch.float64).round().long()
+        return t.tolist()
+
+    def step(
+        self, output: torch.Tensor, t: int, t_prev: int, x_t: torch.Tensor, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        x0, eps = self.pred_x0_eps(output, t, x_t)
+        ab = float(self.schedule.alphas_cumprod[t])
+        ab_prev = float(self.schedule.alphas_cumprod[t_prev]) if t_prev >= 0 else 1.0
+        sigma = self.eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)) ** 0.5
+        x_prev = ab_prev**0.5 * x0 + max(1 - ab_prev - sigma**2, 0.0) ** 0.5 * eps
+        if sigma > 0:
+            x_prev = x_prev + sigma * randn(tuple(x_t.shape), generator, x_t.device, x_t.dtype)
+        return x_prev
