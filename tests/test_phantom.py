@@ -1,0 +1,209 @@
+"""The procedural phantom: determinism, classes, variation, unlabelled structure, texture, MR bias, files, speed."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medlsdm.data.phantom import (
+    BODY,
+    KIDNEY,
+    LESION,
+    LIVER,
+    PHANTOM_LABELS,
+    SPINE,
+    generate_phantom,
+    phantom_spacing,
+    write_phantom_dataset,
+)
+from medlsdm.data.phantom import _single_thread
+from medlsdm.data.phantom_anatomy import Anatomy
+from medlsdm.errors import UserError
+
+SHAPE = (16, 64, 64)
+
+
+@pytest.fixture(scope="module")
+def ct_subjects():
+    return [generate_phantom(s, SHAPE, "ct") for s in range(8)]
+
+
+def test_labels_match_config_defaults():
+    from medlsdm.config import DataConfig
+
+    assert PHANTOM_LABELS == ["background", "body", "liver", "kidney", "spine", "lesion"]
+    assert DataConfig().label_names == PHANTOM_LABELS
+
+
+def test_deterministic_by_seed():
+    a_img, a_lab = generate_phantom(7, SHAPE, "ct")
+    b_img, b_lab = generate_phantom(7, SHAPE, "ct")
+    c_img, c_lab = generate_phantom(8, SHAPE, "ct")
+    assert a_img.dtype == np.float32 and a_lab.dtype == np.uint8
+    assert a_img.shape == a_lab.shape == SHAPE
+    np.testing.assert_array_equal(a_img, b_img)
+    np.testing.assert_array_equal(a_lab, b_lab)
+    assert (a_lab != c_lab).mean() > 0.01
+    assert np.abs(a_img - c_img).mean() > 10
+    # the same subject in MR has the same label map
+    mr_img, mr_lab = generate_phantom(7, SHAPE, "mr")
+    np.testing.assert_array_equal(mr_lab, a_lab)
+    assert mr_img.min() >= 0
+
+
+def test_classes_present_and_in_range(ct_subjects):
+    all_six = 0
+    for _, lab in ct_subjects:
+        assert lab.max() <= 5
+        present = set(np.unique(lab).tolist())
+        assert {0, BODY, LIVER, KIDNEY, SPINE} <= present
+        all_six += present == set(range(6))
+    assert all_six >= 5  # lesions are absent in a minority of subjects only
+
+
+def test_organs_inside_body(ct_subjects):
+    for _, lab in ct_subjects:
+        # every organ voxel has no background voxel as in-plane neighbour (organs are surrounded by body)
+        organ = lab >= LIVER
+        bg = lab == 0
+        near_bg = np.zeros_like(bg)
+        near_bg[:, 1:] |= bg[:, :-1]
+        near_bg[:, :-1] |= bg[:, 1:]
+        near_bg[:, :, 1:] |= bg[:, :, :-1]
+        near_bg[:, :, :-1] |= bg[:, :, 1:]
+        assert not (organ & near_bg).any()
+
+
+def test_subjects_vary(ct_subjects):
+    volumes = np.array([(lab == LIVER).sum() for _, lab in ct_subjects[:5]])
+    centroids = np.array([np.argwhere(lab == LIVER).mean(0) for _, lab in ct_subjects[:5]])
+    body = np.array([(lab > 0).sum() for _, lab in ct_subjects[:5]])
+    assert volumes.std() / volumes.mean() > 0.08
+    assert centroids[:, 2].max() - centroids[:, 2].min() > 2.0  # voxels, left-right
+    assert body.std() / body.mean() > 0.05
+    # the number of organs varies too: sometimes a single kidney, 0-3 lesions
+    with _single_thread():
+        anatomies = [Anatomy(np.random.default_rng(s)) for s in range(40)]
+    assert {len(a.kidneys) for a in anatomies} == {1, 2}
+    assert {len(a.lesions) for a in anatomies} == {0, 1, 2, 3}
+
+
+def test_texture_and_ct_intensity_order(ct_subjects):
+    for img, lab in ct_subjects:
+        med = {c: np.median(img[lab == c]) for c in range(6) if (lab == c).any()}
+        for c in med:
+            assert img[lab == c].std() > 1.0  # textured, not flat colours
+        assert med[0] < -900
+        assert med[0] < med[BODY] < med[LIVER] < med[KIDNEY] < med[SPINE]
+        assert med[SPINE] > 300
+        if LESION in med:
+            assert abs(med[LESION] - med[LIVER]) > 10
+
+
+def _interior(mask: np.ndarray, steps: int = 2) -> np.ndarray:
+    """In-plane erosion: drops the boundary voxels, where partial volume mixes classes."""
+    for _ in range(steps):
+        m = mask.copy()
+        mask[:, 1:] &= m[:, :-1]
+        mask[:, :-1] &= m[:, 1:]
+        mask[:, :, 1:] &= m[:, :, :-1]
+        mask[:, :, :-1] &= m[:, :, 1:]
+    return mask
+
+
+def test_unlabelled_structure():
+    """Kidney cortex / medulla / sinus and liver vessels are in the image but not in the label map."""
+    bright = []
+    for seed in (3, 4, 5):
+        img, lab = generate_phantom(seed, (16, 128, 128), "ct")
+        liver = img[_interior(lab == LIVER)]
+        med = np.median(liver)
+        sigma = 1.4826 * np.median(np.abs(liver - med))  # texture + noise of a homogeneous tissue
+        # a flat kidney would vary like the liver parenchyma (ratio ~1.3); cortex vs medulla gives ~4
+        assert img[_interior(lab == KIDNEY)].std() > 2.5 * sigma
+        bright.append((liver > med + 5 * sigma).mean())
+        body = img[lab == BODY]
+        assert (body < -60).mean() > 0.05 and (body > 0).mean() > 0.3  # fat and soft tissue, both "body"
+    assert np.mean(bright) > 0.003  # enhancing vessels: a bright tail that Gaussian texture (~1e-4) lacks
+
+
+def test_mr_bias_field_is_smooth_and_strong():
+    for seed in (0, 1):
+        biased, lab = generate_phantom(seed, SHAPE, "mr")
+        flat, _ = generate_phantom(seed, SHAPE, "mr", mr_bias=0.0)
+        tissue = (lab > 0) & (flat > 150)
+        ratio = biased / np.maximum(flat, 1.0)
+        lo, hi = np.percentile(ratio[tissue], [5, 95])
+        assert hi / lo > 1.25  # a strong multiplicative field ...
+        pairs = tissue[:, :, 1:] & tissue[:, :, :-1]
+        assert np.abs(np.diff(ratio, axis=2))[pairs].mean() < 0.04  # ... that varies slowly
+
+
+def test_bad_arguments():
+    with pytest.raises(UserError, match="modality"):
+        generate_phantom(0, SHAPE, "pet")
+    with pytest.raises(UserError, match="shape"):
+        generate_phantom(0, (2, 64, 64))
+
+
+def test_write_dataset(tmp_path):
+    out = write_phantom_dataset(tmp_path / "ds", n=5, modality="ct", shape=SHAPE, seed=3, progress=False)
+    meta = json.loads((out / "dataset.json").read_text())
+    assert meta["labels"] == {name: i for i, name in enumerate(PHANTOM_LABELS)}
+    assert meta["channel_names"] == {"0": "CT"}
+    assert meta["numTraining"] == 4 and meta["file_ending"] == ".nii.gz"
+    assert "phantom" in meta["description"] and "seed 3" in meta["description"]
+    train = sorted(p.name for p in (out / "imagesTr").iterdir())
+    assert train == [f"phantom_{i:03d}_0000.nii.gz" for i in range(4)]
+    assert sorted(p.name for p in (out / "labelsTs").iterdir()) == ["phantom_004.nii.gz"]
+    assert (out / "imagesTs" / "phantom_004_0000.nii.gz").is_file()
+    assert not list(out.rglob("*.tmp"))
+
+    img = nib.load(out / "imagesTr" / "phantom_001_0000.nii.gz")
+    lab = nib.load(out / "labelsTr" / "phantom_001.nii.gz")
+    assert img.shape == lab.shape == (SHAPE[2], SHAPE[1], SHAPE[0])  # (W, H, D) on disk
+    case_seed = 3 * 100003 + 1
+    sd, sh, sw = phantom_spacing(case_seed, SHAPE)
+    np.testing.assert_allclose(np.diag(img.affine)[:3], [sw, sh, sd], rtol=1e-5)
+    np.testing.assert_allclose(img.header.get_zooms(), [sw, sh, sd], rtol=1e-5)
+    assert nib.aff2axcodes(img.affine) == ("R", "A", "S")
+    ref_img, ref_lab = generate_phantom(case_seed, SHAPE, "ct")
+    np.testing.assert_array_equal(np.asarray(lab.dataobj).transpose(2, 1, 0), ref_lab)
+    assert img.get_data_dtype() == np.int16  # CT in integer HU
+    np.testing.assert_allclose(img.get_fdata().transpose(2, 1, 0), ref_img, atol=0.5)
+
+    with pytest.raises(UserError, match="not empty"):
+        write_phantom_dataset(out, n=2, shape=SHAPE, progress=False)
+    write_phantom_dataset(out, n=2, modality="mr", shape=SHAPE, progress=False, overwrite=True)
+    assert len(list((out / "imagesTr").iterdir())) == 1 and len(list((out / "imagesTs").iterdir())) == 1
+    assert json.loads((out / "dataset.json").read_text())["channel_names"] == {"0": "MR"}
+
+
+def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
+    import medlsdm.data.phantom as phantom
+
+    real = phantom.generate_phantom
+
+    def failing(seed, *args, **kwargs):
+        if seed == 2:
+            raise KeyboardInterrupt
+        return real(seed, *args, **kwargs)
+
+    monkeypatch.setattr(phantom, "generate_phantom", failing)
+    with pytest.raises(KeyboardInterrupt):
+        write_phantom_dataset(tmp_path / "ds", n=4, shape=(8, 32, 32), progress=False)
+    assert list(tmp_path.iterdir()) == []  # neither a partial data set nor its temporary folder
+    monkeypatch.setattr(phantom, "generate_phantom", real)
+    out = write_phantom_dataset(tmp_path / "ds", n=4, shape=(8, 32, 32), progress=False)  # a rerun just works
+    assert (out / "dataset.json").is_file() and oct(out.stat().st_mode & 0o777) == "0o755"
+
+
+def test_speed(tmp_path):
+    start = time.perf_counter()
+    for s in range(20):
+        generate_phantom(s, SHAPE, "ct")
+    assert time.perf_counter() - start < 15.0
