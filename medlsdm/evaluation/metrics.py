@@ -1,0 +1,188 @@
+"""Image-quality metrics: paired SSIM/PSNR/RMSE/LPIPS, the Fréchet distance, inter-slice consistency.
+
+Volumes are (B, 1, D, H, W) tensors (or sequences of (1, D, H, W) / (D, H, W) tensors or arrays) with
+intensities in the data layer's normalised range [-1, 1], so the data range is 2. Planes name the slice
+axis: ``axial`` = slices along D, ``coronal`` = along H, ``sagittal`` = along W.
+
+The Fréchet distance is computed here and nowhere else. MONAI's ``monai.metrics.fid`` was checked
+(MONAI 1.6.1): ``get_fid_score`` takes the means before ``_cov`` centres its input, and ``_cov`` centres
+out of place (``x = x - mean``), so it does not have the in-place-centring bug; but its ``_sqrtm`` calls
+``scipy.linalg.sqrtm`` and scipy is not a dependency. So the matrix square root is written here with
+``torch.linalg.eigh`` in float64: tr((S1 S2)^(1/2)) = tr((S1^(1/2) S2 S1^(1/2))^(1/2)), where both
+square roots are of symmetric positive semi-definite matrices (negative round-off eigenvalues -> 0).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.metrics import PSNRMetric, RMSEMetric, SSIMMetric
+
+from medlsdm.autoencoder.perceptual import PerceptualLoss, build_perceptual
+from medlsdm.config import VQGANConfig
+from medlsdm.errors import UserError
+
+DATA_RANGE = 2.0  # intensities live in [-1, 1]
+PLANES = {"axial": 2, "coronal": 3, "sagittal": 4}  # plane -> the slice axis of a (B, C, D, H, W) tensor
+Volumes = Union[torch.Tensor, np.ndarray, Sequence[Union[torch.Tensor, np.ndarray]]]
+
+
+def as_batch(volumes: Volumes) -> torch.Tensor:
+    """(B, 1, D, H, W) float32 from a tensor/array of that shape, of (B, D, H, W) or of (D, H, W), or from
+    a sequence of (1, D, H, W) / (D, H, W) volumes of one shape."""
+    if isinstance(volumes, (torch.Tensor, np.ndarray)):
+        x = torch.as_tensor(volumes)
+        x = x[None, None] if x.dim() == 3 else (x.unsqueeze(1) if x.dim() == 4 else x)
+    else:
+        x = torch.stack([torch.as_tensor(v).reshape(1, *torch.as_tensor(v).shape[-3:]) for v in volumes])
+    if x.dim() != 5 or x.shape[1] != 1:
+        raise ValueError(f"expected volumes (B, 1, D, H, W), got shape {tuple(x.shape)}")
+    return x.float()
+
+
+def slices_of(volumes: torch.Tensor, plane: str) -> torch.Tensor:
+    """(B, 1, D, H, W) -> (B * S, 1, h, w): every slice of ``plane`` (S = D, H or W)."""
+    if plane not in PLANES:
+        raise UserError(f"config: plane must be one of {sorted(PLANES)}, got {plane!r}")
+    x = volumes.movedim(PLANES[plane], 1)  # (B, S, 1, h, w)
+    return x.reshape(-1, 1, *x.shape[-2:])
+
+
+def _ssim_window(x: torch.Tensor) -> int:
+    """MONAI's SSIM needs every spatial side >= the window: 11, or the largest odd size that fits."""
+    side = min(x.shape[2:])
+    return min(11, side if side % 2 else side - 1)
+
+
+def ssim(a: Volumes, b: Volumes) -> float:
+    """Mean 3D SSIM over the batch (MONAI, Gaussian window 11 or smaller for tiny volumes, data range 2)."""
+    a, b = as_batch(a), as_batch(b)
+    metric = SSIMMetric(spatial_dims=3, data_range=DATA_RANGE, win_size=_ssim_window(a))
+    return float(metric(a, b).mean())
+
+
+def psnr(a: Volumes, b: Volumes) -> float:
+    """Mean PSNR in dB over the batch with peak value 2 (the [-1, 1] range); identical volumes give inf."""
+    return float(PSNRMetric(max_val=DATA_RANGE)(as_batch(a), as_batch(b)).mean())
+
+
+def rmse(a: Volumes, b: Volumes) -> float:
+    """Mean over the batch of the per-volume RMSE, in normalised units (range [-1, 1], so at most 2)."""
+    return float(RMSEMetric()(as_batch(a), as_batch(b)).mean())
+
+
+@lru_cache(maxsize=2)
+def _perceptual(backbone: str, weights: Optional[str], lpips_weights: Optional[str]) -> tuple[PerceptualLoss, str]:
+    cfg = VQGANConfig(perceptual_backbone=backbone, perceptual_weight=1.0, perceptual_weights=weights,
+                      perceptual_lpips_weights=lpips_weights, perceptual_slices=1)
+    module, description = build_perceptual(cfg)
+    if module is None:
+        raise UserError(f"config: LPIPS needs a perceptual backbone ('vgg16' or 'random-vgg16'), got {backbone!r}")
+    return module, description
+
+
+def lpips(
+    a: Volumes,
+    b: Volumes,
+    backbone: Union[VQGANConfig, str] = "random-vgg16",
+    planes: Sequence[str] = ("axial", "coronal", "sagittal"),
+    chunk: int = 16,
+) -> tuple[float, str]:
+    """LPIPS-style distance between paired volumes on every 2D slice of each plane -> (mean, backbone).
+
+    a, b: (B, 1, D, H, W) in [-1, 1]. The network is ``medlsdm.autoencoder.perceptual``'s (VGG16 taps,
+    channel-unit-normalised features, LPIPS linear weights when given), chosen by a ``VQGANConfig``'s
+    ``perceptual_backbone`` / ``perceptual_weights`` / ``perceptual_lpips_weights`` or by a backbone name
+    ("vgg16" reads torchvision's file from the torch hub cache; "random-vgg16" is NOT pretrained).
+    Slices with a side under 32 pixels are bilinearly enlarged so that VGG's four poolings fit.
+    The result is the mean over planes of the mean over that plane's slices.
+    """
+    if isinstance(backbone, VQGANConfig):
+        key = (backbone.perceptual_backbone, backbone.perceptual_weights, backbone.perceptual_lpips_weights)
+    else:
+        key = (backbone, None, None)
+    module, description = _perceptual(*key)
+    a, b = as_batch(a), as_batch(b)
+    module.to(a.device)
+    if a.shape != b.shape:
+        raise ValueError(f"lpips: shapes differ {tuple(a.shape)} vs {tuple(b.shape)}")
+    per_plane = []
+    for plane in planes:
+        sa, sb = slices_of(a, plane), slices_of(b, plane)
+        h, w = sa.shape[-2:]
+        if min(h, w) < 32:
+            size = (32 * h // min(h, w), 32 * w // min(h, w))
+            sa, sb = (F.interpolate(s, size=size, mode="bilinear", align_corners=False) for s in (sa, sb))
+        total = 0.0
+        with torch.no_grad():
+            for i in range(0, len(sa), chunk):
+                xa, xb = sa[i : i + chunk].unsqueeze(2), sb[i : i + chunk].unsqueeze(2)  # (n, 1, 1, h, w)
+                total += float(module(xa, xb)) * len(xa)
+        per_plane.append(total / len(sa))
+    return float(np.mean(per_plane)), description
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) in float64 (see the module docstring).
+
+    mu: (F,), sigma: (F, F) symmetric PSD (tensors or arrays). Round-off below zero is returned as 0.
+    """
+    mu1, mu2, s1, s2 = (torch.as_tensor(t, dtype=torch.float64) for t in (mu1, mu2, sigma1, sigma2))
+    evals, evecs = torch.linalg.eigh((s1 + s1.T) / 2)
+    s1_half = (evecs * evals.clamp_min(0).sqrt()) @ evecs.T
+    middle = s1_half @ s2 @ s1_half
+    tr_covmean = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp_min(0).sqrt().sum()
+    diff = mu1 - mu2
+    value = diff.dot(diff) + torch.trace(s1) + torch.trace(s2) - 2 * tr_covmean
+    return max(float(value), 0.0)
+
+
+def frechet_from_features(f1, f2) -> float:
+    """Fréchet distance between Gaussians fitted to features f1 (N, F) and f2 (M, F), N, M >= 2."""
+    f1, f2 = (torch.as_tensor(f, dtype=torch.float64) for f in (f1, f2))
+    if f1.dim() != 2 or f2.dim() != 2 or f1.shape[1] != f2.shape[1]:
+        raise ValueError(f"features must be (N, F) and (M, F), got {tuple(f1.shape)} and {tuple(f2.shape)}")
+    if min(len(f1), len(f2)) < 2:
+        raise UserError(f"FID: needs at least 2 samples per set, got {len(f1)} and {len(f2)}")
+    return frechet_distance(f1.mean(0), torch.cov(f1.T).reshape(f1.shape[1], -1),
+                            f2.mean(0), torch.cov(f2.T).reshape(f2.shape[1], -1))
+
+
+def adjacent_slice_changes(volumes: Volumes, eps: float = 1e-6) -> torch.Tensor:
+    """(B, 1, D, H, W) -> (B, D - 1): mean |x[d+1] - x[d]| of each adjacent slice pair, divided by the
+    volume's intensity standard deviation (so a global contrast change does not count)."""
+    x = as_batch(volumes).double()[:, 0]
+    if x.shape[1] < 2:
+        raise UserError(f"inter-slice consistency: volumes need at least 2 slices, got D={x.shape[1]}")
+    std = x.flatten(1).std(dim=1).clamp_min(eps)
+    return (x[:, 1:] - x[:, :-1]).abs().mean(dim=(2, 3)) / std[:, None]
+
+
+def wasserstein_1d(u: torch.Tensor, v: torch.Tensor) -> float:
+    """1D Wasserstein-1 distance between two empirical distributions: integral of |F_u - F_v|."""
+    u, v = u.flatten().double().sort().values, v.flatten().double().sort().values
+    grid = torch.cat([u, v]).sort().values
+    cdf_u = torch.searchsorted(u, grid[:-1], right=True).double() / len(u)
+    cdf_v = torch.searchsorted(v, grid[:-1], right=True).double() / len(v)
+    return float(((cdf_u - cdf_v).abs() * grid.diff()).sum())
+
+
+def inter_slice_consistency(real_volumes: Volumes, synthetic_volumes: Volumes) -> dict[str, float]:
+    """How adjacent slices change along depth, real vs synthetic.
+
+    For every volume, each adjacent slice pair (d, d+1) gives mean |x[d+1] - x[d]| / std(volume). The
+    values of all pairs of all volumes are pooled per set; the result holds the 1D Wasserstein distance
+    between the two pools (``wasserstein``, lower = synthetic slices change like real ones; a generator
+    of independent 2D slices scores clearly higher) and each pool's mean (``real_mean``,
+    ``synthetic_mean``; a synthetic mean well above the real one means jumpy slices).
+    """
+    real, synth = adjacent_slice_changes(real_volumes), adjacent_slice_changes(synthetic_volumes)
+    return {
+        "wasserstein": wasserstein_1d(real, synth),
+        "real_mean": float(real.mean()),
+        "synthetic_mean": float(synth.mean()),
+    }
