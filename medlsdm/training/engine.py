@@ -20,6 +20,8 @@ from __future__ import annotations
 import abc
 import contextlib
 import csv
+import hashlib
+import json
 import math
 import os
 import shutil
@@ -256,7 +258,28 @@ class Trainer:
             if self.step % self.tc.ckpt_every == 0 or self.step == max_steps:
                 self.save_checkpoint()
         bar.close()
+        if self.dist.enabled:
+            self.check_ranks_in_sync()
         return last
+
+    def check_ranks_in_sync(self) -> list[str]:
+        """Hash every rank's weights (after taking rank 0's buffers); record them in ``ddp_check.json``; fail if ranks differ."""
+        h = hashlib.sha256()
+        for key, module in sorted(self.task.modules().items()):
+            for buf in module.buffers():  # rank 0's running statistics are authoritative, as in DDP's forward
+                torch.distributed.broadcast(buf.data, src=0)
+            for name, tensor in sorted(module.state_dict().items()):
+                h.update(f"{key}.{name}".encode())
+                h.update(tensor.detach().float().cpu().numpy().tobytes())
+        prints: list[str] = [""] * self.dist.world_size
+        torch.distributed.all_gather_object(prints, h.hexdigest())
+        same = len(set(prints)) == 1
+        if self.dist.is_main:
+            atomic_write_text(self.run_dir / "ddp_check.json", json.dumps(
+                {"step": self.step, "world_size": self.dist.world_size, "fingerprints": prints, "identical": same}, indent=2))
+        if not same:
+            raise RuntimeError(f"DDP ranks hold different weights after step {self.step}: {prints}")
+        return prints
 
     def run_validation(self) -> dict[str, float]:
         metrics: dict[str, float] = {}

@@ -1,0 +1,170 @@
+"""Label map in, synthetic volume out.
+
+    pipe = SynthesisPipeline.from_pretrained("runs/ldm")
+    for vol in pipe("label.nii.gz", n=2, seed=0):
+        vol.save("synthetic.nii.gz")          # geometry (affine, shape) of label.nii.gz
+
+Steps: label map -> preprocessing exactly as in training -> one-hot (B, C, D, H, W) -> noise ->
+denoise with the semantic U-Net (DDPM / DDIM, optional classifier-free guidance) -> de-normalise ->
+quantise to the nearest codebook entries -> VQ-GAN decode -> inverse preprocessing -> NIfTI.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from medlsdm.autoencoder.normalize import LatentNormalizer
+from medlsdm.config import Config
+from medlsdm.data.checks import check_target_shape
+from medlsdm.data.transforms import LabelGeometry, load_label_map, one_hot, save_volume
+from medlsdm.diffusion.model import LatentDiffusion
+from medlsdm.errors import UserError
+from medlsdm.io import load_into
+from medlsdm.runs import latest_weights, load_vqgan, run_config
+from medlsdm.training.distributed import resolve_device
+
+
+@dataclass
+class GeneratedVolume:
+    """One synthetic volume: ``array`` (D, H, W) in model space ([-1, 1]) and its label map's geometry."""
+
+    array: torch.Tensor
+    label: torch.Tensor  # (D, H, W) class indices, model space
+    geometry: Optional[LabelGeometry]
+    cfg: Config
+
+    def save(self, path: Path) -> Path:
+        """NIfTI with the label map's affine and shape, intensities de-normalised (CT: HU)."""
+        if self.geometry is None:
+            raise UserError("this volume was generated from a tensor, not a file: no geometry to write with")
+        save_volume(self.array[None], self.geometry, Path(path), self.cfg.data)
+        return Path(path)
+
+
+class SynthesisPipeline:
+    """The frozen VQ-GAN + the (EMA) semantic U-Net of an LDM run, ready to sample."""
+
+    def __init__(self, vqgan: nn.Module, diffusion: LatentDiffusion, normalizer: LatentNormalizer, cfg: Config) -> None:
+        self.vqgan, self.diffusion, self.normalizer, self.cfg = vqgan, diffusion, normalizer, cfg
+        self.device = next(diffusion.parameters()).device
+
+    @classmethod
+    def from_pretrained(cls, run_dir: Path | str, device: str = "auto", use_ema: bool = True) -> "SynthesisPipeline":
+        """Load an LDM run folder (``medlsdm train-ldm --out RUN_DIR``); nothing is downloaded."""
+        run_dir = Path(run_dir)
+        cfg = run_config(run_dir)
+        dev = resolve_device(device)
+        vqgan, _ = load_vqgan(run_dir / "vqgan", dev)
+        diffusion = build_diffusion(cfg)
+        load_into(diffusion.unet, latest_weights(run_dir, "unet_ema" if use_ema else "unet"), what="semantic U-Net")
+        diffusion.to(dev).eval().requires_grad_(False)
+        return cls(vqgan, diffusion, LatentNormalizer.load(run_dir / "latent_stats.json"), cfg)
+
+    @torch.no_grad()
+    def generate(self, labels: torch.Tensor, sampler: Optional[str] = None, steps: Optional[int] = None,
+                 guidance: Optional[float] = None, eta: float = 0.0, generator: Optional[torch.Generator] = None,
+                 progress: bool = False) -> torch.Tensor:
+        """Class-index label maps (B, 1, D, H, W) -> volumes (B, 1, D, H, W) in [-1, 1]."""
+        ldm = self.cfg.ldm
+        onehot = one_hot(labels.to(self.device), self.cfg.data.num_classes)
+        z = self.diffusion.sample(onehot, sampler or ldm.sampler, steps or ldm.sampling_steps,
+                                  ldm.guidance_scale if guidance is None else guidance, eta, generator, progress)
+        return self.decode_latents(z)
+
+    @torch.no_grad()
+    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """Normalised latents (B, E, d, h, w) -> de-normalise -> nearest codebook entries -> decode."""
+        z = self.normalizer.denormalize(z.float())
+        q = self.vqgan.quantizer
+        return self.vqgan.decode(q.lookup(q.nearest(z))).float().clamp(-1, 1)
+
+    def __call__(self, label_map: Path | str | torch.Tensor, n: int = 1, seed: int = 0, **kwargs) -> list[GeneratedVolume]:
+        """``n`` volumes for one label map (a file, or a (D, H, W) class-index tensor in model space)."""
+        if isinstance(label_map, torch.Tensor):
+            label, geometry = label_map.long().reshape(1, *label_map.shape[-3:]), None
+        else:
+            label, geometry = load_label_map(Path(label_map), self.cfg.data)
+        out = []
+        for k in range(n):
+            g = torch.Generator(self.device).manual_seed(seed + k)
+            vol = self.generate(label[None], generator=g, **kwargs)[0, 0].cpu()
+            out.append(GeneratedVolume(vol, label[0].cpu(), geometry, self.cfg))
+        return out
+
+
+def build_diffusion(cfg: Config) -> LatentDiffusion:
+    """The LatentDiffusion of a config (latent channels and down-sampling come from the VQ-GAN section)."""
+    check_target_shape(cfg.data.shape, cfg.vqgan.downsample, "config data.shape")
+    return LatentDiffusion.from_config(cfg.ldm, num_classes=cfg.data.num_classes, image_down=cfg.vqgan.downsample,
+                                       in_channels=cfg.vqgan.embedding_dim)
+
+
+def label_files(labels: Path) -> list[Path]:
+    """A NIfTI file, or every ``.nii``/``.nii.gz`` in a folder (sorted)."""
+    labels = Path(labels)
+    if labels.is_file():
+        return [labels]
+    if not labels.exists():
+        raise UserError(f"{labels}: label map file or folder not found")
+    files = sorted(p for p in labels.iterdir() if p.name.endswith((".nii", ".nii.gz")))
+    if not files:
+        raise UserError(f"{labels}: no .nii / .nii.gz label maps in this folder")
+    return files
+
+
+def _stem(path: Path) -> str:
+    return path.name[:-7] if path.name.endswith(".nii.gz") else path.stem
+
+
+def volume_seed(seed: int, name: str, k: int) -> int:
+    """A stable per-volume seed: the same (seed, label file, sample index) always gives the same volume."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode()) * 31 + k) % (2**63 - 1)
+
+
+def sample_to_folder(model: Path, labels: Path, out: Path, n_per_label: int = 1, sampler: Optional[str] = None,
+                     steps: Optional[int] = None, guidance: Optional[float] = None, seed: int = 0,
+                     batch_size: int = 1, device: str = "auto", progress: bool = True,
+                     rank: int = 0, world_size: int = 1, preview: bool = True) -> list[Path]:
+    """Generate ``n_per_label`` volumes per label map into ``out`` (``<label>_s<k>.nii.gz`` + ``.png``).
+
+    Resumable: volumes already present are skipped. With batch_size 1 every volume depends only on
+    (seed, label file name, k); larger batches share one noise generator per batch.
+    Under torchrun each rank takes every ``world_size``-th job, so nothing is generated twice.
+    """
+    from medlsdm.viz import save_preview
+
+    if n_per_label < 1 or batch_size < 1:
+        raise UserError("--n-per-label and --batch-size must be at least 1")
+    pipe = SynthesisPipeline.from_pretrained(model, device)
+    files = label_files(labels)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = [(f, k) for f in files for k in range(n_per_label)][rank::world_size]
+    todo = [(f, k) for f, k in jobs if not (out / f"{_stem(f)}_s{k}.nii.gz").exists()]
+    loaded: dict[Path, tuple[torch.Tensor, LabelGeometry]] = {}
+    written: list[Path] = []
+    for start in tqdm(range(0, len(todo), batch_size), desc="sample", disable=not progress):
+        batch = todo[start:start + batch_size]
+        for f, _ in batch:
+            if f not in loaded:
+                loaded[f] = load_label_map(f, pipe.cfg.data)
+        labels_b = torch.stack([loaded[f][0] for f, _ in batch])
+        g = torch.Generator(pipe.device).manual_seed(volume_seed(seed, batch[0][0].name, batch[0][1]))
+        vols = pipe.generate(labels_b, sampler, steps, guidance, generator=g)
+        for (f, k), vol in zip(batch, vols):
+            target = out / f"{_stem(f)}_s{k}.nii.gz"
+            save_volume(vol.cpu(), loaded[f][1], target, pipe.cfg.data)
+            if preview:
+                save_preview(target.with_name(target.name.replace(".nii.gz", ".png")),
+                             {"synthetic": vol[0].cpu().numpy()}, labels=loaded[f][0][0].numpy(),
+                             title=f"{f.name} sample {k}")
+            written.append(target)
+    return written
+

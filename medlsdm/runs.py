@@ -1,0 +1,51 @@
+"""Reading trained run folders: their resolved config and the weights of their newest checkpoint.
+
+A run folder is self-describing (``config.yaml`` + ``checkpoints/latest``); an LDM run also holds a
+copy of its frozen VQ-GAN under ``vqgan/`` so that it can be moved and used offline on its own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from medlsdm.config import Config, load_config
+from medlsdm.errors import UserError
+from medlsdm.io import load_into
+
+
+def run_config(run_dir: Path) -> Config:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: run folder not found")
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"{path}: missing; is {run_dir} a medlsdm run folder?")
+    return load_config(path)
+
+
+def latest_weights(run_dir: Path, name: str) -> Path:
+    """``RUN_DIR/checkpoints/<latest>/<name>.safetensors`` (or ``RUN_DIR/<name>.safetensors`` for exports)."""
+    run_dir = Path(run_dir)
+    flat = run_dir / f"{name}.safetensors"
+    if flat.is_file():
+        return flat
+    pointer = run_dir / "checkpoints" / "latest"
+    if not pointer.is_file():
+        raise UserError(f"{run_dir}: no finished checkpoint (checkpoints/latest is missing)")
+    path = run_dir / "checkpoints" / pointer.read_text().strip() / f"{name}.safetensors"
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint file not found")
+    return path
+
+
+def load_vqgan(run_dir: Path, device: torch.device | str = "cpu") -> tuple["torch.nn.Module", Config]:
+    """The frozen VQ-GAN of a VQ-GAN run folder (or of an LDM run's ``vqgan/`` copy), in eval mode."""
+    from medlsdm.autoencoder.vqgan import VQGAN
+
+    cfg = run_config(run_dir)
+    model = VQGAN(cfg.vqgan)
+    load_into(model, latest_weights(run_dir, "vqgan"), what="VQ-GAN")
+    model.to(device).eval().requires_grad_(False)
+    return model, cfg

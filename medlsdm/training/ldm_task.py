@@ -1,0 +1,92 @@
+"""Stage 2 specifics: the semantic U-Net on frozen VQ-GAN latents, its EMA copy and label dropout.
+
+Batches are either cached latents (``{"latent", "label"}`` from ``medlsdm encode``) or images that
+are encoded on the fly by the frozen VQ-GAN (``{"image", "label"}``). Latents are min-max
+normalised with the codebook range; the label map enters at full resolution as one-hot.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from medlsdm.autoencoder.normalize import LatentNormalizer
+from medlsdm.config import Config, TrainConfig
+from medlsdm.data.transforms import one_hot
+from medlsdm.diffusion.model import LatentDiffusion
+from medlsdm.pipeline import SynthesisPipeline, build_diffusion
+from medlsdm.training.engine import Task
+
+
+class LDMTask(Task):
+    name = "ldm"
+
+    def __init__(self, cfg: Config, vqgan: nn.Module, normalizer: LatentNormalizer) -> None:
+        self.cfg, self.vqgan, self.normalizer = cfg, vqgan.eval().requires_grad_(False), normalizer
+        self.diffusion = build_diffusion(cfg)
+        self.unet = self.diffusion.unet
+        self.unet_ema = copy.deepcopy(self.unet).requires_grad_(False)
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"unet": self.unet, "unet_ema": self.unet_ema}
+
+    def trainable(self) -> dict[str, nn.Module]:
+        return {"unet": self.unet}
+
+    def configure(self, device: torch.device, wrapped: Mapping[str, nn.Module], train: TrainConfig) -> dict[str, torch.optim.Optimizer]:
+        self.vqgan.to(device)
+        d = self.diffusion
+        # the same objective over the (possibly DDP-wrapped) U-Net
+        self.train_view = LatentDiffusion(wrapped["unet"], d.schedule, d.objective, d.loss, d.cond_drop_prob, d.clip_sample)
+        return {"unet": torch.optim.Adam(self.unet.parameters(), lr=train.lr, betas=train.betas)}
+
+    @torch.no_grad()
+    def latents(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Normalised latents (B, E, d, h, w) of a batch (cached, or encoded now)."""
+        z = batch["latent"] if "latent" in batch else self.vqgan.encode(batch["image"])
+        return self.normalizer.normalize(z.float())
+
+    def training_losses(self, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        x0 = self.latents(batch)
+        onehot = one_hot(batch["label"], self.cfg.data.num_classes)
+        return self.train_view.training_loss(x0, onehot)
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> None:
+        """EMA of the U-Net weights, with a warm-up so early steps do not dominate short runs."""
+        decay = min(self.cfg.ldm.ema_decay, (1 + step) / (10 + step))
+        for e, p in zip(self.unet_ema.parameters(), self.unet.parameters()):
+            e.lerp_(p.detach(), 1 - decay)
+        for e, b in zip(self.unet_ema.buffers(), self.unet.buffers()):
+            e.copy_(b)
+
+    @torch.no_grad()
+    def validate(self, loader: Any, step: int, run_dir: Path) -> dict[str, float]:
+        """Diffusion loss of the EMA model at fixed seeds; one DDIM sample of the first case as a preview."""
+        from medlsdm.viz import save_preview
+
+        device = next(self.unet_ema.parameters()).device
+        ema = LatentDiffusion(self.unet_ema, self.diffusion.schedule, self.diffusion.objective, self.diffusion.loss,
+                              0.0, self.diffusion.clip_sample)
+        g = torch.Generator(device).manual_seed(1234)
+        losses, first = [], None
+        for batch in loader:
+            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            loss, _ = ema.training_loss(self.latents(batch), one_hot(batch["label"], self.cfg.data.num_classes), g)
+            losses.append(float(loss))
+            first = first or batch
+        metrics = {"loss_ema": sum(losses) / max(1, len(losses))}
+        if first is not None:
+            pipe = SynthesisPipeline(self.vqgan, ema, self.normalizer, self.cfg)
+            vol = pipe.generate(first["label"][:1], sampler="ddim", steps=min(25, self.cfg.ldm.sampling_steps),
+                                generator=torch.Generator(device).manual_seed(0))
+            views = {"synthetic": vol[0, 0].cpu().numpy()}
+            if "image" in first:
+                views = {"real": first["image"][0, 0].cpu().numpy(), **views}
+            save_preview(run_dir / "previews" / f"step_{step:07d}.png", views,
+                         labels=first["label"][0, 0].cpu().numpy(), title=f"LDM step {step} (DDIM, EMA)")
+        return metrics

@@ -1,0 +1,145 @@
+"""Entry points behind ``medlsdm train-vqgan``, ``encode`` and ``train-ldm``.
+
+Each one resolves the config (a resumed run always uses the config saved in its folder), finds and
+splits the data, builds the stage's task and hands it to the shared :class:`Trainer`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from medlsdm.autoencoder.normalize import LatentNormalizer
+from medlsdm.config import Config, load_config, save_config
+from medlsdm.data.checks import check_target_shape
+from medlsdm.data.dataset import VolumeDataset, split_cases
+from medlsdm.data.layouts import find_cases
+from medlsdm.errors import UserError
+from medlsdm.io import atomic_write_text, file_sha256
+from medlsdm.runs import latest_weights, load_vqgan, run_config
+from medlsdm.training.distributed import DistContext, cleanup_distributed, init_distributed
+from medlsdm.training.engine import Trainer
+from medlsdm.training.latents import LatentDataset, encode_dataset, is_latents_dir
+
+__all__ = ["train_vqgan", "train_ldm", "encode_dataset"]
+
+
+def _resolve(config: Optional[str | Path], out: Path, resume: bool, seed: Optional[int]) -> Config:
+    if resume and (Path(out) / "config.yaml").is_file():
+        cfg = load_config(Path(out) / "config.yaml")  # a resumed run keeps its own config
+    elif config is None:
+        raise UserError("--config is required (a preset name such as tiny / paper, or a YAML file)")
+    else:
+        cfg = load_config(config)
+    if seed is not None:
+        cfg.seed = seed
+    return cfg
+
+
+def _write_run_info(out: Path, dist: DistContext, **extra: object) -> None:
+    info = {"torch": torch.__version__, "python": platform.python_version(), "device": str(dist.device),
+            "world_size": dist.world_size, **extra}
+    atomic_write_text(out / "run_info.json", json.dumps(info, indent=2))
+
+
+def _image_split(data: Path, cfg: Config, layout: str, label_dir: Optional[Path], labels: bool, out: Path):
+    """Train/val VolumeDatasets; preprocessed samples are cached in ``data.cache_dir`` or else ``RUN_DIR/cache``."""
+    cases = find_cases(Path(data), layout=layout, split="train", label_dir=label_dir)
+    if labels:
+        unlabelled = [c for c in cases if c.label is None]
+        if unlabelled:
+            raise UserError(f"{unlabelled[0].image}: no label map; diffusion training needs image/label pairs")
+    train, val = split_cases(cases, cfg.train_vqgan.val_fraction, cfg.seed)
+    kw = dict(with_images=True, with_labels=labels, cache_dir=cfg.data.cache_dir or str(out / "cache"))
+    return VolumeDataset(train, cfg.data, **kw), (VolumeDataset(val, cfg.data, **kw) if val else None)
+
+
+def train_vqgan(data: Path, config: Optional[str | Path], out: Path, layout: str = "auto",
+                label_dir: Optional[Path] = None, max_steps: Optional[int] = None, resume: bool = False,
+                device: str = "auto", seed: Optional[int] = None, progress: bool = True) -> Path:
+    """Train the 3D VQ-GAN on the images of ``data`` (labels are ignored) into run folder ``out``."""
+    from medlsdm.training.vqgan_task import VQGANTask
+
+    out = Path(out)
+    cfg = _resolve(config, out, resume, seed)
+    if max_steps is not None:
+        cfg.train_vqgan.max_steps = max_steps
+    check_target_shape(cfg.data.shape, cfg.vqgan.downsample, "config data.shape")
+    dist = init_distributed(device)
+    try:
+        train_set, val_set = _image_split(data, cfg, layout, label_dir, labels=False, out=out)
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        task = VQGANTask(cfg)
+        if dist.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            print(f"perceptual loss: {task.perceptual_description}")
+            _write_run_info(out, dist, stage="vqgan", perceptual=task.perceptual_description,
+                            train_cases=len(train_set), val_cases=len(val_set or []))
+        Trainer(task, cfg, cfg.train_vqgan, out, train_set, val_set, dist, progress).fit(resume=resume)
+    finally:
+        cleanup_distributed()
+    return out
+
+
+def train_ldm(vqgan_dir: Path, data: Path, config: Optional[str | Path], out: Path, layout: str = "auto",
+              label_dir: Optional[Path] = None, max_steps: Optional[int] = None, resume: bool = False,
+              device: str = "auto", seed: Optional[int] = None, progress: bool = True) -> Path:
+    """Train the latent semantic diffusion model on ``data`` (a latents folder or image/label pairs)."""
+    from medlsdm.training.ldm_task import LDMTask
+
+    out = Path(out)
+    vq_cfg = run_config(vqgan_dir)
+    cfg = _resolve(config if config is not None else Path(vqgan_dir) / "config.yaml", out, resume, seed)
+    # the VQ-GAN fixes image preprocessing and the autoencoder; the LDM config keeps its label settings
+    cfg.vqgan = vq_cfg.vqgan
+    cfg.data = dataclasses.replace(vq_cfg.data, num_classes=cfg.data.num_classes, label_remap=cfg.data.label_remap,
+                                   label_names=cfg.data.label_names, cache_dir=cfg.data.cache_dir)
+    if max_steps is not None:
+        cfg.train_ldm.max_steps = max_steps
+    dist = init_distributed(device)
+    try:
+        vqgan, _ = load_vqgan(vqgan_dir, dist.device)
+        normalizer = LatentNormalizer(*vqgan.codebook_range())
+        if is_latents_dir(data):
+            full = LatentDataset(data)
+            if full.stats.get("image_shape") != list(cfg.data.shape):
+                raise UserError(f"{data}: latents were encoded for shape {full.stats.get('image_shape')}, "
+                                f"but this VQ-GAN run uses {list(cfg.data.shape)}")
+            normalizer = full.normalizer()
+            n_val = max(1, round(len(full.ids) * cfg.train_ldm.val_fraction)) if len(full.ids) > 2 else 0
+            g = torch.Generator().manual_seed(cfg.seed)
+            order = [full.ids[i] for i in torch.randperm(len(full.ids), generator=g).tolist()]
+            train_set = LatentDataset(data, sorted(order[n_val:]))
+            val_set = LatentDataset(data, sorted(order[:n_val])) if n_val else None
+        else:
+            train_set, val_set = _image_split(data, cfg, layout, label_dir, labels=True, out=out)
+        torch.manual_seed(cfg.seed)
+        task = LDMTask(cfg, vqgan, normalizer)
+        if dist.is_main:
+            _copy_vqgan(Path(vqgan_dir), out)
+            normalizer.save(out / "latent_stats.json")
+            _write_run_info(out, dist, stage="ldm", train_cases=len(train_set), val_cases=len(val_set or []),
+                            vqgan_run=str(Path(vqgan_dir).resolve()))
+        dist.barrier()
+        Trainer(task, cfg, cfg.train_ldm, out, train_set, val_set, dist, progress).fit(resume=resume)
+    finally:
+        cleanup_distributed()
+    return out
+
+
+def _copy_vqgan(vqgan_dir: Path, out: Path) -> None:
+    """Copy the frozen VQ-GAN (weights + config) into the LDM run so the run is usable on its own."""
+    target = out / "vqgan"
+    target.mkdir(parents=True, exist_ok=True)
+    weights = latest_weights(vqgan_dir, "vqgan")
+    if not (target / "vqgan.safetensors").is_file() or file_sha256(target / "vqgan.safetensors") != file_sha256(weights):
+        tmp = target / ".vqgan.safetensors.tmp"
+        shutil.copyfile(weights, tmp)
+        tmp.replace(target / "vqgan.safetensors")
+    save_config(run_config(vqgan_dir), target / "config.yaml")

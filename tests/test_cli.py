@@ -1,0 +1,62 @@
+"""The command line: subcommands, one-line errors with exit status 2, the prepare summary."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from medlsdm.cli import build_parser, main
+
+COMMANDS = ["phantom", "prepare", "train-vqgan", "encode", "train-ldm", "sample", "evaluate", "demo"]
+
+
+def test_every_subcommand_has_help(capsys: pytest.CaptureFixture[str]) -> None:
+    for cmd in COMMANDS:
+        with pytest.raises(SystemExit) as exc:
+            build_parser().parse_args([cmd, "--help"])
+        assert exc.value.code == 0
+        assert len(capsys.readouterr().out.splitlines()) > 3
+
+
+def test_phantom_then_prepare_prints_a_correct_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "ph"
+    assert main(["phantom", "--out", str(out), "--n", "5", "--shape", "8", "32", "32", "--seed", "3"]) == 0
+    assert len(list((out / "imagesTr").glob("*_0000.nii.gz"))) == 4  # 5 cases, 20% held out
+    assert len(list((out / "labelsTs").glob("*.nii.gz"))) == 1
+    capsys.readouterr()
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("base: tiny\ndata:\n  shape: [8, 32, 32]\n")
+    assert main(["prepare", "--data", str(out), "--config", str(cfg), "--no-cache"]) == 0
+    text = capsys.readouterr().out
+    assert "4" in text and "liver" in text and "lesion" in text  # case count and class names from dataset.json
+    for case in (out / "imagesTr").glob("*_0000.nii.gz"):
+        assert case.name.replace("_0000.nii.gz", "") in text
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["prepare", "--data", "/nonexistent/folder"], "/nonexistent/folder"),
+        (["train-vqgan", "--data", "/nonexistent", "--out", "/tmp/x"], "/nonexistent"),
+        (["sample", "--model", "/nonexistent/run", "--labels", "/tmp", "--out", "/tmp/y"], "/nonexistent/run"),
+        (["evaluate"], "not implemented yet"),
+        (["phantom", "--out", "/tmp/z", "--n", "0"], "--n"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(argv: list[str], fragment: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("medlsdm: error:") and fragment in err
+    assert len(err.splitlines()) == 1
+
+
+def test_no_traceback_from_the_installed_entry_point(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "medlsdm", "prepare", "--data", str(empty)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and str(empty) in proc.stderr
