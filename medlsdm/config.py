@@ -116,6 +116,22 @@ class TrainConfig:
 
 
 @dataclass
+class SegConfig:
+    """The segmentation network of the Dice protocol and the augmentation study (paper Appendix B)."""
+
+    channels: tuple[int, ...] = (16, 32, 64, 128, 256)  # MONAI UNet widths, one per level
+    num_res_units: int = 2
+    patch: tuple[int, int, int] = (64, 64, 64)  # (D, H, W) training crop and sliding-window roi (capped at data.shape)
+    batch_size: int = 4
+    lr: float = 5e-5  # Adam
+    epochs: int = 10  # one epoch = one random crop from every training volume
+    steps: int = 0  # > 0 overrides epochs with a fixed number of optimiser steps
+    pos_fraction: float = 0.5  # share of crops centred on foreground (RandCropByPosNegLabeld)
+    sw_batch_size: int = 4
+    sw_overlap: float = 0.25
+
+
+@dataclass
 class Config:
     """Everything a run needs."""
 
@@ -126,6 +142,7 @@ class Config:
     ldm: LDMConfig = field(default_factory=LDMConfig)
     train_vqgan: TrainConfig = field(default_factory=TrainConfig)
     train_ldm: TrainConfig = field(default_factory=TrainConfig)
+    seg: SegConfig = field(default_factory=SegConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(asdict(self))
