@@ -186,3 +186,21 @@ def inter_slice_consistency(real_volumes: Volumes, synthetic_volumes: Volumes) -
         "real_mean": float(real.mean()),
         "synthetic_mean": float(synth.mean()),
     }
+
+
+def class_medians(volume: torch.Tensor, label: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Median intensity of each class of ``label`` (D, H, W) in ``volume`` (D, H, W); NaN where absent."""
+    v, lab = volume.flatten().float(), label.flatten().long()
+    return torch.stack([v[lab == c].median() if bool((lab == c).any()) else v.new_tensor(float("nan"))
+                        for c in range(num_classes)])
+
+
+def class_intensity_error(synthetic: torch.Tensor, real: torch.Tensor, label: torch.Tensor,
+                          num_classes: int) -> float:
+    """Label-following score: mean over the classes present of |median_syn - median_real| divided by the
+    spread (std) of the real class medians, i.e. 0 = every class has its real intensity, ~1 = errors as
+    large as the differences between classes. Medians are taken inside ``label``'s masks in both volumes."""
+    ms, mr = class_medians(synthetic, label, num_classes), class_medians(real, label, num_classes)
+    present = ~torch.isnan(mr)
+    spread = mr[present].std().clamp_min(1e-6)
+    return float(((ms[present] - mr[present]).abs() / spread).mean())

@@ -1,0 +1,182 @@
+"""The Appendix B segmentation network: foreground-only Dice, the Dice protocol end to end, the encoder
+used as the domain feature extractor, and the augmentation study / segtest entry functions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.metrics import DiceMetric
+from monai.networks.utils import one_hot
+from torch import nn
+
+from medlsdm.config import load_config
+from medlsdm.data.phantom import write_phantom_dataset
+from medlsdm.errors import UserError
+from medlsdm.evaluation.features import DomainFeatures
+from medlsdm.evaluation.pairing import load_real
+from medlsdm.evaluation.segmentation import (
+    dice_protocol,
+    dice_scores,
+    evaluate_dice,
+    load_segmenter,
+    predict,
+    segmentation_encoder,
+    train_segmenter,
+)
+from medlsdm.evaluation.studies import run_augment_study, run_segtest
+from medlsdm.io import file_sha256
+
+SHAPE = (16, 32, 32)
+C = 6
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config("tiny", {"data": {"shape": list(SHAPE)}, "seg": {"steps": 12}})
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_phantom_dataset(tmp_path_factory.mktemp("seg") / "ph", 8, shape=SHAPE, seed=3, test_fraction=0.25,
+                                 progress=False)
+
+
+def _blocks() -> torch.Tensor:
+    """(1, D, H, W) label map: mostly background, two small foreground boxes (classes 1 and 2)."""
+    lab = torch.zeros(1, *SHAPE, dtype=torch.long)
+    lab[:, 4:8, 4:12, 4:12] = 1
+    lab[:, 8:12, 16:24, 16:28] = 2
+    return lab
+
+
+def test_dice_perfect_is_one_and_background_is_never_averaged_in():
+    lab = _blocks()
+    perfect = dice_scores([lab], [lab], num_classes=3, names=["background", "a", "b"])
+    assert set(perfect["per_class"]) == {"a", "b"}  # no background entry
+    assert perfect["mean"] == pytest.approx(1.0) and all(v == pytest.approx(1.0) for v in perfect["per_class"].values())
+
+    empty = torch.zeros_like(lab)  # predicts background everywhere: useless
+    res = dice_scores([empty], [lab], num_classes=3)
+    assert res["mean"] == pytest.approx(0.0)
+    # the trap the protocol avoids: with the background channel, the same useless prediction scores high
+    oh = lambda x: one_hot(x[None], num_classes=3, dim=1)  # noqa: E731
+    with_bg = DiceMetric(include_background=True, reduction="mean_batch")(oh(empty), oh(lab))
+    assert float(with_bg.nanmean()) > 0.3
+
+    half = lab.clone()
+    half[lab == 2] = 0  # class a right, class b missed
+    assert dice_scores([half], [lab], 3)["mean"] == pytest.approx(0.5)
+
+
+def test_class_absent_from_ground_truth_is_left_out_not_counted_as_zero_or_one():
+    lab = _blocks()
+    res = dice_scores([lab], [lab], num_classes=4, names=["bg", "a", "b", "c"])
+    assert res["per_class"]["c"] is None
+    assert res["mean"] == pytest.approx(1.0)
+
+
+class _Oracle(nn.Module):
+    """Reads the class from the intensity of images made as label / (C - 1) * 2 - 1; ``shift`` mislabels."""
+
+    def __init__(self, shift: int = 0):
+        super().__init__()
+        self.shift = shift
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cls = ((x + 1) / 2 * (C - 1)).round().long().clamp(0, C - 1)[:, 0]
+        cls = torch.where(cls > 0, (cls - 1 + self.shift) % (C - 1) + 1, cls)
+        return one_hot(cls[:, None], num_classes=C, dim=1) * 10.0
+
+
+def test_evaluate_dice_through_the_sliding_window(cfg):
+    rng = np.random.default_rng(0)
+    labels = [torch.from_numpy(rng.integers(0, C, size=(1, *SHAPE))) for _ in range(2)]
+    images = [lab.float() / (C - 1) * 2 - 1 for lab in labels]
+    small = load_config("tiny", {"data": {"shape": list(SHAPE)}, "seg": {"patch": [8, 16, 16]}})  # 8 windows
+    assert torch.equal(predict(_Oracle(), images[0], small), labels[0])
+    assert evaluate_dice(_Oracle(), images, labels, small)["mean"] == pytest.approx(1.0)
+    assert evaluate_dice(_Oracle(shift=1), images, labels, small)["mean"] == pytest.approx(0.0)
+
+
+def test_dice_protocol_end_to_end(data, cfg, tmp_path):
+    train = load_real(data, cfg.data, "train", need_labels=True)
+    test = load_real(data, cfg.data, "test", need_labels=True)
+    noisy = load_real(data, cfg.data, "test", need_labels=True)
+    noisy.images = [(v + 0.05 * torch.randn_like(v)).clamp(-1, 1) for v in noisy.images]
+    res = dice_protocol(train, test, noisy, cfg, out_path=tmp_path / "seg.safetensors", steps=25)
+    table, info = res["table"], res["segmenter"]
+    assert list(table) == ["real train", "real test", "synthetic"]
+    for row in table.values():
+        assert "background" not in row["per_class"]
+        assert 0.0 <= row["mean"] <= 1.0
+        present = [v for v in row["per_class"].values() if v is not None]
+        assert row["mean"] == pytest.approx(np.mean(present))
+    assert table["real train"]["n"] == len(train) and table["synthetic"]["n"] == len(noisy)
+    assert table["real train"]["per_class"]["body"] > 0.5  # it learnt the large class in 25 steps
+    assert info["final_loss"] < info["first_loss"]
+    assert info["sha256"] == file_sha256(tmp_path / "seg.safetensors")
+    model, sha = load_segmenter(tmp_path / "seg.safetensors", cfg)
+    assert sha == info["sha256"]
+    again = dice_protocol(train, test, None, cfg, model=model)
+    assert again["segmenter"] is None and "synthetic" not in again["table"]
+    assert again["table"]["real test"]["mean"] == pytest.approx(table["real test"]["mean"], abs=1e-6)
+
+
+def test_encoder_is_the_down_path_and_feeds_the_domain_extractor(cfg):
+    model, info = train_segmenter([torch.zeros(1, *SHAPE)] * 2, [torch.randint(0, C, (1, *SHAPE))] * 2, cfg,
+                                  steps=1)
+    enc = segmentation_encoder(model)
+    x = torch.randn(2, 1, *SHAPE)
+    levels = enc.levels(x)
+    assert [f.shape[1] for f in levels] == list(cfg.seg.channels)
+    assert levels[0].shape[2:] == (8, 16, 16)  # first stage has stride 2
+    assert not any(p.requires_grad for p in enc.parameters())
+    feats = DomainFeatures(enc, info["sha256"]).features(x)
+    assert feats.shape == (2, cfg.seg.channels[-1])
+
+
+def test_too_few_inputs_are_user_errors(cfg):
+    with pytest.raises(UserError, match="no volumes"):
+        train_segmenter([], [], cfg, steps=1)
+    with pytest.raises(UserError, match="label map"):
+        evaluate_dice(_Oracle(), [torch.zeros(1, *SHAPE)], [None], cfg)
+    bad = load_config("tiny", {"data": {"shape": [16, 32, 30]}})
+    with pytest.raises(UserError, match="seg.patch"):
+        train_segmenter([torch.zeros(1, 16, 32, 30)], [torch.zeros(1, 16, 32, 30, dtype=torch.long)], bad, steps=1)
+
+
+def _write_synthetic(folder: Path, images: list[Path], noise: float = 40.0) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    for f in images:
+        img = nib.load(f)
+        a = img.get_fdata().astype(np.float32)
+        nib.save(nib.Nifti1Image(a + rng.normal(0, noise, a.shape).astype(np.float32), img.affine),
+                 folder / f.name.replace("_0000.nii.gz", "_s0.nii.gz"))
+
+
+def test_augment_study_and_segtest_entry_points(data, cfg, tmp_path):
+    _write_synthetic(tmp_path / "syn_tr", sorted((data / "imagesTr").glob("*.nii.gz"))[:3])
+    study = run_augment_study(data, tmp_path / "syn_tr", tmp_path / "aug", cfg, n_real=2, seeds=(0, 1), steps=4,
+                              progress=False)
+    assert study["n_real"] == 2 and study["n_synthetic"] == 3 and study["steps"] == 4
+    for arm in ("real_only", "real_plus_synthetic"):
+        assert len(study[arm]["per_seed"]) == 2 and 0 <= study[arm]["mean"] <= 1 and study[arm]["std"] >= 0
+    assert study["gain"] == pytest.approx(study["real_plus_synthetic"]["mean"] - study["real_only"]["mean"])
+    assert json.loads((tmp_path / "aug" / "augment.json").read_text())["n_real"] == 2
+    assert (tmp_path / "aug" / "augment.png").stat().st_size > 0
+
+    _write_synthetic(tmp_path / "syn_ts", sorted((data / "imagesTs").glob("*.nii.gz")))
+    with pytest.raises(UserError, match="leak"):  # synthetic volumes of test label maps may not train the net
+        run_augment_study(data, tmp_path / "syn_ts", tmp_path / "aug2", cfg, n_real=2, seeds=(0,), steps=1,
+                          progress=False)
+
+    res = run_segtest(data, tmp_path / "seg", cfg, synthetic=tmp_path / "syn_ts", steps=3, progress=False)
+    assert set(res["table"]) == {"real train", "real test", "synthetic"}
+    assert (tmp_path / "seg" / "segmenter.safetensors").is_file() and (tmp_path / "seg" / "dice.png").is_file()
+    assert json.loads((tmp_path / "seg" / "segtest.json").read_text())["segmenter"]["steps"] == 3
