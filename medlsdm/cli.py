@@ -34,6 +34,7 @@ def _add_data(p: argparse.ArgumentParser, required: bool = True) -> None:
 def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, logs, previews, config.yaml)")
     p.add_argument("--max-steps", type=int, default=None, help="training length in optimiser steps (default: config)")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this much wall time")
     p.add_argument("--resume", action="store_true", help="continue exactly from the newest checkpoint in --out")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
     p.add_argument("--seed", type=int, default=None, help="override the config's seed")
@@ -100,12 +101,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_cmd_sample)
 
-    p = sub.add_parser("evaluate", help="compare synthetic and real volumes (not implemented yet)",
-                       description="The evaluation suite (FID, 3D-FID, LPIPS, SSIM, RMSE, PSNR, Dice protocol) arrives with issue 5.")
-    p.add_argument("--real", type=Path)
-    p.add_argument("--synthetic", type=Path)
-    p.add_argument("--out", type=Path)
+    p = sub.add_parser("evaluate", help="compare synthetic volumes with real ones (the paper's metrics) and write a report",
+                       description="Paired SSIM/PSNR/RMSE/LPIPS, FID per plane and 3D-FID (extractor named with its weights' hash), "
+                                   "inter-slice consistency; with --train also the Dice protocol (Table 2) and a privacy audit. "
+                                   "Writes metrics.json and report.md.")
+    p.add_argument("--real", type=Path, required=True, help="real data set whose label maps produced the synthetic volumes (nnU-Net: its test split)")
+    p.add_argument("--synthetic", type=Path, required=True, help="folder of <labelname>_s<k>.nii.gz from 'medlsdm sample'")
+    p.add_argument("--out", type=Path, required=True, help="report folder")
+    p.add_argument("--train", type=Path, default=None, help="real training set: enables Dice protocol, domain features, privacy audit")
+    p.add_argument("--features", default="auto", help="inception, medicalnet, domain, random-inception, random-medicalnet (comma-separated; "
+                   "auto = domain with --train, else random-medicalnet)")
+    p.add_argument("--feature-weights", default=None, help="weights file for the extractor (pytorch-fid Inception, MedicalNet, or a saved segmenter)")
+    _add_config(p)
+    p.add_argument("--seg-steps", type=int, default=None, help="segmenter training steps (default: config)")
+    p.add_argument("--no-lpips", action="store_true", help="skip LPIPS (slow on CPU)")
+    p.add_argument("--no-privacy", action="store_true", help="skip the privacy audit")
+    p.add_argument("--device", default="auto")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("segtest", help="the paper's Dice protocol: a 3D U-Net trained on real data, run on real and synthetic",
+                       description="Train the Appendix B segmentation network on the real training set; Dice per class and mean "
+                                   "(background excluded) on real train, real test and synthetic volumes.")
+    p.add_argument("--real", type=Path, required=True, help="labelled data set (its test split is the real test set)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--train", type=Path, default=None, help="training set (default: --real's training split)")
+    p.add_argument("--synthetic", type=Path, default=None, help="synthetic volumes generated from the test label maps")
+    p.add_argument("--weights", type=Path, default=None, help="a saved segmenter to evaluate instead of training one")
+    _add_config(p)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_cmd_segtest)
+
+    p = sub.add_parser("augment-study", help="does synthetic data help? segmentation Dice with and without it, over seeds",
+                       description="Train the segmenter on a small real subset, and on that subset plus synthetic volumes; "
+                                   "Dice on the real test set, mean and spread over seeds.")
+    p.add_argument("--real", type=Path, required=True, help="labelled data set (training split sampled, test split evaluated)")
+    p.add_argument("--synthetic", type=Path, required=True, help="synthetic volumes generated from training (not test) label maps")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--n-real", type=int, default=4, help="size of the small real subset")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    _add_config(p)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_cmd_augment)
 
     p = sub.add_parser("demo", help="the whole job on built-in phantom data (tiny config, CPU)",
                        description="Generate phantoms, train the VQ-GAN, encode, train the LDM, sample held-out label maps, write NIfTI volumes and previews.")
@@ -140,7 +179,7 @@ def _cmd_train_vqgan(a: argparse.Namespace) -> None:
     from medlsdm.training.run import train_vqgan
 
     train_vqgan(a.data, a.config, a.out, layout=a.layout, label_dir=a.label_dir, max_steps=a.max_steps,
-                resume=a.resume, device=a.device, seed=a.seed, progress=not a.no_progress)
+                resume=a.resume, device=a.device, seed=a.seed, progress=not a.no_progress, max_minutes=a.max_minutes)
 
 
 def _cmd_encode(a: argparse.Namespace) -> None:
@@ -154,7 +193,7 @@ def _cmd_train_ldm(a: argparse.Namespace) -> None:
     from medlsdm.training.run import train_ldm
 
     train_ldm(a.vqgan, a.data, a.config, a.out, layout=a.layout, label_dir=a.label_dir, max_steps=a.max_steps,
-              resume=a.resume, device=a.device, seed=a.seed, progress=not a.no_progress)
+              resume=a.resume, device=a.device, seed=a.seed, progress=not a.no_progress, max_minutes=a.max_minutes)
 
 
 def _cmd_sample(a: argparse.Namespace) -> None:
@@ -167,7 +206,27 @@ def _cmd_sample(a: argparse.Namespace) -> None:
 
 
 def _cmd_evaluate(a: argparse.Namespace) -> None:
-    raise UserError("'medlsdm evaluate' is not implemented yet (the evaluation suite is issue 5)")
+    from medlsdm.evaluation.evaluate import evaluate
+
+    evaluate(a.real, a.synthetic, a.out, train=a.train, features=a.features, feature_weights=a.feature_weights,
+             cfg=a.config, seg_steps=a.seg_steps, device=a.device, lpips=not a.no_lpips, privacy=not a.no_privacy)
+    print(f"report written to {a.out / 'report.md'}")
+
+
+def _cmd_segtest(a: argparse.Namespace) -> None:
+    from medlsdm.evaluation.studies import run_segtest
+
+    run_segtest(a.real, a.out, cfg=a.config, train=a.train, synthetic=a.synthetic, weights=a.weights, steps=a.steps,
+                seed=a.seed, device=a.device)
+    print(f"Dice protocol written to {a.out / 'segtest.json'}")
+
+
+def _cmd_augment(a: argparse.Namespace) -> None:
+    from medlsdm.evaluation.studies import run_augment_study
+
+    run_augment_study(a.real, a.synthetic, a.out, cfg=a.config, n_real=a.n_real, seeds=a.seeds, steps=a.steps,
+                      device=a.device)
+    print(f"augmentation study written to {a.out / 'augment.json'}")
 
 
 def _cmd_demo(a: argparse.Namespace) -> None:

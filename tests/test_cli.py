@@ -10,7 +10,8 @@ import pytest
 
 from medlsdm.cli import build_parser, main
 
-COMMANDS = ["phantom", "prepare", "train-vqgan", "encode", "train-ldm", "sample", "evaluate", "demo"]
+COMMANDS = ["phantom", "prepare", "train-vqgan", "encode", "train-ldm", "sample", "evaluate", "segtest",
+            "augment-study", "demo"]
 
 
 def test_every_subcommand_has_help(capsys: pytest.CaptureFixture[str]) -> None:
@@ -42,7 +43,7 @@ def test_phantom_then_prepare_prints_a_correct_summary(tmp_path: Path, capsys: p
         (["prepare", "--data", "/nonexistent/folder"], "/nonexistent/folder"),
         (["train-vqgan", "--data", "/nonexistent", "--out", "/tmp/x"], "/nonexistent"),
         (["sample", "--model", "/nonexistent/run", "--labels", "/tmp", "--out", "/tmp/y"], "/nonexistent/run"),
-        (["evaluate"], "not implemented yet"),
+        (["evaluate", "--real", "/nonexistent/real", "--synthetic", "/tmp", "--out", "/tmp/r"], "/nonexistent/real"),
         (["phantom", "--out", "/tmp/z", "--n", "0"], "--n"),
     ],
 )

@@ -25,6 +25,7 @@ import json
 import math
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
 
@@ -68,6 +69,7 @@ class Task(abc.ABC):
     """What a training stage must provide. Subclasses fill in the hooks."""
 
     name = "task"
+    progress_keys: tuple[str, ...] = ("loss",)  # logged values shown on the progress bar
 
     @abc.abstractmethod
     def modules(self) -> dict[str, nn.Module]:
@@ -222,8 +224,10 @@ class Trainer:
                             generator=torch.Generator().manual_seed(self.cfg.seed))  # keeps the global RNG untouched
         return iter(loader)
 
-    def fit(self, max_steps: Optional[int] = None, resume: bool = False) -> dict[str, float]:
-        """Train until ``max_steps`` (default: the config's); returns the last logged values."""
+    def fit(self, max_steps: Optional[int] = None, resume: bool = False,
+            max_seconds: Optional[float] = None) -> dict[str, float]:
+        """Train until ``max_steps`` (default: the config's) or, when given, until ``max_seconds`` of wall
+        time have passed (then a checkpoint is written at the current step); returns the last logged values."""
         max_steps = self.tc.max_steps if max_steps is None else max_steps
         if resume:
             ckpt = self.latest_checkpoint()
@@ -243,6 +247,7 @@ class Trainer:
         bar = tqdm(total=max_steps, initial=self.step, desc=self.task.name, disable=not self.progress,
                    dynamic_ncols=True)
         last: dict[str, float] = {}
+        started = time.perf_counter()
         while self.step < max_steps:
             last = self._train_step(batches, accum)
             self.step += 1
@@ -252,11 +257,14 @@ class Trainer:
                 logged = {k: self.dist.all_reduce_mean(v) for k, v in sorted(last.items())}
                 if self.dist.is_main:
                     self.logger.log(self.step, "train", logged)
-                bar.set_postfix({k: f"{v:.3g}" for k, v in list(logged.items())[:5]})
+                bar.set_postfix({k: f"{logged[k]:.3g}" for k in self.task.progress_keys if k in logged})
             if self.val_set is not None and (self.step % self.tc.val_every == 0 or self.step == max_steps):
                 self.run_validation()
-            if self.step % self.tc.ckpt_every == 0 or self.step == max_steps:
+            out_of_time = max_seconds is not None and self._agree(time.perf_counter() - started > max_seconds)
+            if self.step % self.tc.ckpt_every == 0 or self.step == max_steps or out_of_time:
                 self.save_checkpoint()
+            if out_of_time:
+                break
         bar.close()
         if self.dist.enabled:
             self.check_ranks_in_sync()
@@ -280,6 +288,14 @@ class Trainer:
         if not same:
             raise RuntimeError(f"DDP ranks hold different weights after step {self.step}: {prints}")
         return prints
+
+    def _agree(self, flag: bool) -> bool:
+        """Rank 0's decision, so that every rank stops at the same step."""
+        if not self.dist.enabled:
+            return flag
+        t = torch.tensor([float(flag)], device=self.dist.device)
+        torch.distributed.broadcast(t, src=0)
+        return bool(t.item())
 
     def run_validation(self) -> dict[str, float]:
         metrics: dict[str, float] = {}

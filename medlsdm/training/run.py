@@ -62,7 +62,8 @@ def _image_split(data: Path, cfg: Config, layout: str, label_dir: Optional[Path]
 
 def train_vqgan(data: Path, config: Optional[str | Path], out: Path, layout: str = "auto",
                 label_dir: Optional[Path] = None, max_steps: Optional[int] = None, resume: bool = False,
-                device: str = "auto", seed: Optional[int] = None, progress: bool = True) -> Path:
+                device: str = "auto", seed: Optional[int] = None, progress: bool = True,
+                max_minutes: Optional[float] = None) -> Path:
     """Train the 3D VQ-GAN on the images of ``data`` (labels are ignored) into run folder ``out``."""
     from medlsdm.training.vqgan_task import VQGANTask
 
@@ -81,7 +82,8 @@ def train_vqgan(data: Path, config: Optional[str | Path], out: Path, layout: str
             print(f"perceptual loss: {task.perceptual_description}")
             _write_run_info(out, dist, stage="vqgan", perceptual=task.perceptual_description,
                             train_cases=len(train_set), val_cases=len(val_set or []))
-        Trainer(task, cfg, cfg.train_vqgan, out, train_set, val_set, dist, progress).fit(resume=resume)
+        Trainer(task, cfg, cfg.train_vqgan, out, train_set, val_set, dist, progress).fit(
+            resume=resume, max_seconds=None if max_minutes is None else 60 * max_minutes)
     finally:
         cleanup_distributed()
     return out
@@ -89,7 +91,8 @@ def train_vqgan(data: Path, config: Optional[str | Path], out: Path, layout: str
 
 def train_ldm(vqgan_dir: Path, data: Path, config: Optional[str | Path], out: Path, layout: str = "auto",
               label_dir: Optional[Path] = None, max_steps: Optional[int] = None, resume: bool = False,
-              device: str = "auto", seed: Optional[int] = None, progress: bool = True) -> Path:
+              device: str = "auto", seed: Optional[int] = None, progress: bool = True,
+              max_minutes: Optional[float] = None) -> Path:
     """Train the latent semantic diffusion model on ``data`` (a latents folder or image/label pairs)."""
     from medlsdm.training.ldm_task import LDMTask
 
@@ -127,7 +130,8 @@ def train_ldm(vqgan_dir: Path, data: Path, config: Optional[str | Path], out: Pa
             _write_run_info(out, dist, stage="ldm", train_cases=len(train_set), val_cases=len(val_set or []),
                             vqgan_run=str(Path(vqgan_dir).resolve()))
         dist.barrier()
-        Trainer(task, cfg, cfg.train_ldm, out, train_set, val_set, dist, progress).fit(resume=resume)
+        Trainer(task, cfg, cfg.train_ldm, out, train_set, val_set, dist, progress).fit(
+            resume=resume, max_seconds=None if max_minutes is None else 60 * max_minutes)
     finally:
         cleanup_distributed()
     return out

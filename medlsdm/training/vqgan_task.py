@@ -48,6 +48,7 @@ class _Frozen:
 
 class VQGANTask(Task):
     name = "vqgan"
+    progress_keys = ("l1", "commitment", "perplexity", "g_gan", "d_loss")
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
