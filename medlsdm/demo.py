@@ -21,9 +21,10 @@ from medlsdm.pipeline import sample_to_folder
 from medlsdm.training.latents import encode_dataset
 from medlsdm.training.run import train_ldm, train_vqgan
 
-# sized so the demo finishes within ~15 minutes on 2 CPU cores (see BENCHMARKS.md for what it reaches)
-DEMO = {"cases": 48, "vqgan_steps": 500, "ldm_steps": 1200, "n_test_samples": 4}
-FAST = {"cases": 8, "vqgan_steps": 4, "ldm_steps": 4, "n_test_samples": 2}
+# sized so the demo finishes within ~15 minutes on 2 CPU cores: ~1.3 s per VQ-GAN step, ~0.5 s per LDM
+# step (bench/ and BENCHMARKS.md show what longer training reaches)
+DEMO = {"cases": 40, "vqgan_steps": 300, "disc_start": 200, "ldm_steps": 700}
+FAST = {"cases": 10, "vqgan_steps": 4, "disc_start": 2, "ldm_steps": 4}
 
 
 def _done(run: Path, steps: int) -> bool:
@@ -36,6 +37,8 @@ def run_demo(out: Path, device: str = "cpu", fast: bool = False) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = load_config("tiny")
+    config = out / "demo_config.yaml"  # the tiny preset, with the discriminators switched on within the demo's steps
+    atomic_write_text(config, f"base: tiny\nvqgan:\n  disc_start_step: {plan['disc_start']}\n")
     timings: dict[str, float] = {}
     data, vq_run, latents, ldm_run, samples = (out / p for p in ("data", "vqgan", "latents", "ldm", "samples"))
 
@@ -49,11 +52,11 @@ def run_demo(out: Path, device: str = "cpu", fast: bool = False) -> Path:
         stage("phantoms", write_phantom_dataset, data, plan["cases"], modality="ct", shape=cfg.data.shape, seed=0,
               test_fraction=0.2)
     if not _done(vq_run, plan["vqgan_steps"]):
-        stage("train VQ-GAN", train_vqgan, data, "tiny", vq_run, max_steps=plan["vqgan_steps"],
+        stage("train VQ-GAN", train_vqgan, data, config, vq_run, max_steps=plan["vqgan_steps"],
               resume=(vq_run / "checkpoints" / "latest").is_file(), device=device)
     stage("encode", encode_dataset, vq_run, data, latents, device=device)
     if not _done(ldm_run, plan["ldm_steps"]):
-        stage("train LDM", train_ldm, vq_run, latents, "tiny", ldm_run, max_steps=plan["ldm_steps"],
+        stage("train LDM", train_ldm, vq_run, latents, config, ldm_run, max_steps=plan["ldm_steps"],
               resume=(ldm_run / "checkpoints" / "latest").is_file(), device=device)
     test_labels = data / "labelsTs"
     stage("sample", sample_to_folder, ldm_run, test_labels, samples, n_per_label=1, seed=0, device=device)

@@ -60,24 +60,28 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"{path}: not a readable safetensors checkpoint ({exc})") from None
 
 
-def load_into(module: torch.nn.Module, path: Path, what: str = "model") -> None:
-    """Load weights into ``module`` strictly; a checkpoint of another architecture is a UserError."""
-    state = load_weights(path)
+def load_checked(module: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, what: str) -> None:
+    """Load ``state`` into ``module`` strictly; keys or shapes that do not fit are a one-line UserError."""
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or wrong:
-        detail = []
-        if missing:
-            detail.append(f"{len(missing)} missing (e.g. {missing[0]})")
-        if unexpected:
-            detail.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-        if wrong:
-            k = wrong[0]
-            detail.append(f"{len(wrong)} with other shapes (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})")
-        raise UserError(f"{path}: checkpoint does not fit this {what} architecture: " + "; ".join(detail))
-    module.load_state_dict(state)
+    detail = []
+    if missing:
+        detail.append(f"{len(missing)} missing (e.g. {missing[0]})")
+    if unexpected:
+        detail.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+    if wrong:
+        k = wrong[0]
+        detail.append(f"{len(wrong)} of another shape (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})")
+    if detail:
+        raise UserError(f"{path}: does not fit the {what}: " + "; ".join(detail))
+    module.load_state_dict(state, strict=True)
+
+
+def load_into(module: torch.nn.Module, path: Path, what: str = "model") -> None:
+    """Load a safetensors file into ``module`` strictly (see :func:`load_checked`)."""
+    load_checked(module, load_weights(path), Path(path), f"{what} architecture")
 
 
 def save_state(obj: dict[str, Any], path: Path) -> None:

@@ -81,3 +81,16 @@ def test_two_process_ddp_ranks_hold_identical_weights(tmp_path: Path, phantoms: 
     check = json.loads((run / "ddp_check.json").read_text())
     assert check["world_size"] == 2 and check["step"] == 3
     assert check["identical"] and len(set(check["fingerprints"])) == 1
+
+
+def test_checkpoint_of_another_architecture_is_a_user_error(tmp_path: Path, vq_run: Path) -> None:
+    import shutil
+
+    from medlsdm.runs import load_vqgan
+
+    other = tmp_path / "other"
+    shutil.copytree(vq_run, other)
+    cfg = (other / "config.yaml").read_text().replace("channels: 4\n", "channels: 8\n", 1)
+    (other / "config.yaml").write_text(cfg)
+    with pytest.raises(UserError, match="does not fit the VQ-GAN architecture"):
+        load_vqgan(other)

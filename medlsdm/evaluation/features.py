@@ -28,7 +28,7 @@ from medlsdm.errors import UserError
 from medlsdm.evaluation.inception import FID_WEIGHTS_FILE, InceptionV3FID, random_inception
 from medlsdm.evaluation.medicalnet import MedicalNetResNet, random_medicalnet
 from medlsdm.evaluation.metrics import PLANES, Volumes, as_batch, frechet_from_features, slices_of
-from medlsdm.io import file_sha256
+from medlsdm.io import file_sha256, load_checked
 
 KINDS = ("inception", "random-inception", "medicalnet", "random-medicalnet", "domain")
 
@@ -86,7 +86,7 @@ class InceptionFID2D(FeatureExtractor):
         else:
             path = Path(weights_path).expanduser()
             net = InceptionV3FID()
-            _load_checked(net, _read_state(path), path, "pytorch-fid's InceptionV3 weights")
+            _load_checked(net, _read_state(path), path, "InceptionV3 of pytorch-fid")
             super().__init__(net, "InceptionV3 (pytorch-fid FID weights)", True, str(path), file_sha256(path), device)
 
     @torch.no_grad()
@@ -140,7 +140,7 @@ class MedicalNet3D(_Pooled3D):
             state = state.get("state_dict", state) if isinstance(state.get("state_dict"), dict) else state
             state = {k.removeprefix("module."): v for k, v in state.items()}
             state = {k: v for k, v in state.items() if not k.startswith(("conv_seg.", "fc."))}  # heads: unused
-            _load_checked(net, state, path, f"MedicalNet ResNet-{depth} weights")
+            _load_checked(net, state, path, f"MedicalNet ResNet-{depth}")
             super().__init__(net, f"MedicalNet ResNet-{depth}", True, str(path), file_sha256(path), device)
 
     def _prepare(self, volumes: torch.Tensor) -> torch.Tensor:
@@ -173,27 +173,14 @@ def _read_state(path: Path) -> dict[str, Any]:
 
 
 def _load_checked(net: nn.Module, state: dict[str, Any], path: Path, what: str) -> None:
-    """Load ``state`` into ``net`` strictly, or raise a UserError naming missing/unexpected/misshaped keys.
-    ``num_batches_tracked`` may be absent (files saved by old PyTorch versions)."""
+    """Load ``state`` into ``net`` strictly (:func:`medlsdm.io.load_checked`); ``num_batches_tracked`` may be
+    absent (files saved by old PyTorch versions)."""
     own = net.state_dict()
     state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     for k in own:
         if k.endswith("num_batches_tracked") and k not in state:
             state[k] = own[k]
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:2])})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:2])})")
-    if wrong:
-        k = wrong[0]
-        shapes = f"{tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-        problems.append(f"{len(wrong)} keys of another shape (e.g. {k}: {shapes})")
-    if problems:
-        raise UserError(f"{path}: not {what}: " + "; ".join(problems))
-    net.load_state_dict(state, strict=True)
+    load_checked(net, state, path, what)
 
 
 def default_inception_path() -> Path:
