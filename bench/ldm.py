@@ -9,7 +9,7 @@ held-out label map and records in BENCHMARKS.md:
 - SSIM / PSNR to the real volume of the same label map;
 - seconds per volume and the error reached for DDPM-1000, DDIM-50 and DDIM-25.
 
-    python bench/ldm.py --minutes 12 --ddpm-cases 4
+    python bench/ldm.py --minutes 10 --ddpm-cases 3 [--latent-norm codebook]
 """
 
 from __future__ import annotations
@@ -54,15 +54,19 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=12.0, help="LDM training wall-time budget")
     ap.add_argument("--cases", type=int, default=60, help="phantom set size (must match bench/vqgan.py)")
     ap.add_argument("--ddpm-cases", type=int, default=4, help="held-out label maps sampled with DDPM-1000")
+    ap.add_argument("--latent-norm", choices=["standardize", "codebook"], default="standardize",
+                    help="latent normalisation (the paper: codebook)")
     args = ap.parse_args()
-    cfg = load_config("tiny")
+    cfg = load_config("tiny", {"ldm": {"latent_norm": args.latent_norm}})
     data = phantoms(args.cases, cfg.data.shape)
-    vq_run, lat, run = WORK / "vqgan", WORK / "latents", WORK / "ldm"
+    vq_run, lat, run = WORK / "vqgan", WORK / "latents", WORK / f"ldm_{args.latent_norm}"
+    config = WORK / f"ldm_{args.latent_norm}.yaml"
+    config.write_text(f"base: tiny\nldm:\n  latent_norm: {args.latent_norm}\n")
     vq_info = json.loads((WORK / "vqgan_bench.json").read_text())  # run bench/vqgan.py first
     if not is_latents_dir(lat):
         encode_dataset(vq_run, data, lat, device="cpu")
     t0 = time.perf_counter()
-    train_ldm(vq_run, lat, "tiny", run, max_steps=100000, max_minutes=args.minutes, device="cpu")
+    train_ldm(vq_run, lat, config, run, max_steps=100000, max_minutes=args.minutes, device="cpu")
     train_s = time.perf_counter() - t0
     steps = int((run / "checkpoints" / "latest").read_text().strip().split("_")[1])
 
@@ -76,7 +80,7 @@ def main() -> None:
     rows_sub = [score(pipe, sub, "ddpm", 1000, cfg.data.num_classes), score(pipe, sub, "ddim", 50, cfg.data.num_classes)]
     result = {"ldm_steps": steps, "ldm_train_seconds": round(train_s, 1), "vqgan_train_seconds": vq_info["train_seconds"],
               "all_cases": rows, "ddpm_subset": rows_sub, "peak_rss_gib": round(peak_rss_gib(), 2)}
-    (WORK / "ldm_bench.json").write_text(json.dumps(result, indent=2))
+    (WORK / f"ldm_{args.latent_norm}_bench.json").write_text(json.dumps(result, indent=2))
 
     def line(r: dict) -> str:
         return (f"| {r['sampler']} | {r['cases']} | {r['matched_error']:.3f} | {r['mismatched_error']:.3f} | "
@@ -85,7 +89,8 @@ def main() -> None:
     ddpm, ddim = rows_sub
     total_min = (vq_info["train_seconds"] + train_s) / 60
     md = "\n".join([
-        "## Latent semantic diffusion (stage 2), `tiny` preset on CPU", "", header(command_line()),
+        f"## Latent semantic diffusion (stage 2), `tiny` preset on CPU, latent_norm = {args.latent_norm}", "",
+        header(command_line()),
         f"VQ-GAN from `bench/vqgan.py` ({vq_info['steps']} steps, {vq_info['train_seconds'] / 60:.1f} min); LDM "
         f"{steps} steps of batch {cfg.train_ldm.batch_size} in {train_s / 60:.1f} min (total training "
         f"{total_min:.1f} min). Cosine schedule, T = {cfg.ldm.num_timesteps}, eps objective, L2 loss, EMA weights, "
@@ -100,7 +105,7 @@ def main() -> None:
         f"Peak memory (RSS): {result['peak_rss_gib']} GiB.", "",
         "Paper size on a GPU: not measured, this issue had no GPU.",
     ])
-    write_section("ldm", md)
+    write_section(f"ldm-{args.latent_norm}", md)
     print(md)
 
 

@@ -53,6 +53,7 @@ class SynthesisPipeline:
 
     def __init__(self, vqgan: nn.Module, diffusion: LatentDiffusion, normalizer: LatentNormalizer, cfg: Config) -> None:
         self.vqgan, self.diffusion, self.normalizer, self.cfg = vqgan, diffusion, normalizer, cfg
+        diffusion.clip_value = normalizer.clip  # predicted clean latents stay within the codebook's range
         self.device = next(diffusion.parameters()).device
 
     @classmethod

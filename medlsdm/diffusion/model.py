@@ -51,6 +51,7 @@ class LatentDiffusion(nn.Module):
         self.loss = loss
         self.cond_drop_prob = cond_drop_prob
         self.clip_sample = clip_sample
+        self.clip_value = 1.0  # |x0| bound when clipping: the normalised codebook range (set by the pipeline)
 
     @classmethod
     def from_config(
@@ -104,13 +105,13 @@ class LatentDiffusion(nn.Module):
         generator: torch.Generator | None = None,
         progress: bool = True,
     ) -> torch.Tensor:
-        """Latents ``(B, 8, d, h, w)`` in [-1, 1] (when clipping) for the label map ``(B, C, D, H, W)``.
+        """Latents ``(B, 8, d, h, w)`` within ``clip_value`` (when clipping) for the label map ``(B, C, D, H, W)``.
 
         ``sampler``: "ddpm" (all T steps) or "ddim" (``steps``, ``eta``). The network runs in eval mode.
         """
         device = next(self.unet.parameters()).device
         labels_onehot = labels_onehot.to(device)
-        chain = make_sampler(sampler, self.schedule, steps, eta, self.objective, 1.0 if self.clip_sample else None)
+        chain = make_sampler(sampler, self.schedule, steps, eta, self.objective, self.clip_value if self.clip_sample else None)
         was_training = self.training
         self.eval()
         try:

@@ -15,6 +15,8 @@ is averaged over the two in-plane axes of the plane, one C-vector per slab (so p
 
 from __future__ import annotations
 
+import abc
+
 import hashlib
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -42,7 +44,7 @@ def state_dict_sha256(module: nn.Module, length: int = 12) -> str:
     return h.hexdigest()[:length]
 
 
-class FeatureExtractor:
+class FeatureExtractor(abc.ABC):
     """A frozen network mapping a batch to (N, F) features, with the identity of its weights.
 
     Attributes: ``name``, ``weights_path`` (file or None), ``weights_sha256`` (of the file, or of the
@@ -61,9 +63,9 @@ class FeatureExtractor:
         self.weights_sha256 = weights_sha256 or state_dict_sha256(net)
         self.device = torch.device(device)
 
+    @abc.abstractmethod
     def features(self, batch: torch.Tensor) -> torch.Tensor:
         """(N, 1, H, W) slices or (N, 1, D, H, W) volumes -> (N, F) float32 on the CPU."""
-        raise NotImplementedError
 
     def plane_features(self, volumes: torch.Tensor, plane: str, chunk: int = 32) -> torch.Tensor:
         """(B, 1, D, H, W) -> (B * S, F): one feature vector per slice of ``plane``."""

@@ -2,7 +2,7 @@
 
 Latents folder::
 
-    LATENTS_DIR/stats.json            codebook range (zmin, zmax), VQ-GAN run + weights hash, shapes
+    LATENTS_DIR/stats.json            codebook range (zmin, zmax), per-channel mean/std, VQ-GAN run + hash, shapes
     LATENTS_DIR/config.yaml           the VQ-GAN run's resolved config (preprocessing included)
     LATENTS_DIR/<case>.safetensors    latent (E, d, h, w) float32 pre-quantisation; label (1, D, H, W) uint8
 """
@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from medlsdm.autoencoder.normalize import LatentNormalizer
+from medlsdm.autoencoder.normalize import ChannelStats, LatentNormalizer
 from medlsdm.config import save_config
 from medlsdm.data.dataset import VolumeDataset
 from medlsdm.data.layouts import find_cases
@@ -44,13 +44,16 @@ def encode_dataset(vqgan_dir: Path, data: Path, out: Path, layout: str = "auto",
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dataset = VolumeDataset(cases, cfg.data, with_images=True, with_labels=True, cache_dir=cfg.data.cache_dir)
+    stats = ChannelStats()
     for i in tqdm(range(len(dataset)), desc="encode", disable=not progress):
         item = dataset[i]
         z = vqgan.encode(item["image"][None].to(dev)).float()[0].cpu()
+        stats.add(z[None])
         save_weights({"latent": z, "label": item["label"].to(torch.uint8)}, out / f"{item['id']}.safetensors")
     zmin, zmax = vqgan.codebook_range()
     weights = latest_weights(vqgan_dir, "vqgan")
-    LatentNormalizer(zmin, zmax).save(out / "stats.json", vqgan_run=str(Path(vqgan_dir).resolve()),
+    mean, std = stats.result()
+    LatentNormalizer(zmin, zmax, "codebook", mean, std).save(out / "stats.json", vqgan_run=str(Path(vqgan_dir).resolve()),
                                        vqgan_weights_sha256=file_sha256(weights), cases=len(dataset),
                                        image_shape=list(cfg.data.shape), latent_shape=list(z.shape))
     save_config(cfg, out / "config.yaml")
@@ -69,8 +72,8 @@ class LatentDataset(Dataset):
             raise UserError(f"{self.root}: latents folder holds no encoded cases")
         self.stats = json.loads((self.root / "stats.json").read_text())
 
-    def normalizer(self) -> LatentNormalizer:
-        return LatentNormalizer.load(self.root / "stats.json")
+    def normalizer(self, kind: str) -> LatentNormalizer:
+        return LatentNormalizer.load(self.root / "stats.json", kind)
 
     def __len__(self) -> int:
         return len(self.ids)

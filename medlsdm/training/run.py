@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from tqdm.auto import tqdm
 
-from medlsdm.autoencoder.normalize import LatentNormalizer
+from medlsdm.autoencoder.normalize import ChannelStats, LatentNormalizer
 from medlsdm.config import Config, load_config, save_config
 from medlsdm.data.checks import check_target_shape
 from medlsdm.data.dataset import VolumeDataset, split_cases
@@ -108,13 +109,13 @@ def train_ldm(vqgan_dir: Path, data: Path, config: Optional[str | Path], out: Pa
     dist = init_distributed(device)
     try:
         vqgan, _ = load_vqgan(vqgan_dir, dist.device)
-        normalizer = LatentNormalizer(*vqgan.codebook_range())
+        kind = cfg.ldm.latent_norm
         if is_latents_dir(data):
             full = LatentDataset(data)
             if full.stats.get("image_shape") != list(cfg.data.shape):
                 raise UserError(f"{data}: latents were encoded for shape {full.stats.get('image_shape')}, "
                                 f"but this VQ-GAN run uses {list(cfg.data.shape)}")
-            normalizer = full.normalizer()
+            normalizer = full.normalizer(kind)
             n_val = max(1, round(len(full.ids) * cfg.train_ldm.val_fraction)) if len(full.ids) > 2 else 0
             g = torch.Generator().manual_seed(cfg.seed)
             order = [full.ids[i] for i in torch.randperm(len(full.ids), generator=g).tolist()]
@@ -122,6 +123,7 @@ def train_ldm(vqgan_dir: Path, data: Path, config: Optional[str | Path], out: Pa
             val_set = LatentDataset(data, sorted(order[:n_val])) if n_val else None
         else:
             train_set, val_set = _image_split(data, cfg, layout, label_dir, labels=True, out=out)
+            normalizer = _normalizer_from_images(vqgan, train_set, kind, dist, progress)
         torch.manual_seed(cfg.seed)
         task = LDMTask(cfg, vqgan, normalizer)
         if dist.is_main:
@@ -135,6 +137,20 @@ def train_ldm(vqgan_dir: Path, data: Path, config: Optional[str | Path], out: Pa
     finally:
         cleanup_distributed()
     return out
+
+
+@torch.no_grad()
+def _normalizer_from_images(vqgan: torch.nn.Module, train_set: VolumeDataset, kind: str, dist: DistContext,
+                            progress: bool) -> LatentNormalizer:
+    """Latent statistics for on-the-fly encoding: one encoder pass over the training set (standardize only)."""
+    zmin, zmax = vqgan.codebook_range()
+    if kind != "standardize":
+        return LatentNormalizer(zmin, zmax, kind)
+    stats = ChannelStats()
+    for i in tqdm(range(len(train_set)), desc="latent statistics", disable=not (progress and dist.is_main)):
+        stats.add(vqgan.encode(train_set[i]["image"][None].to(dist.device)).float())
+    mean, std = stats.result()
+    return LatentNormalizer(zmin, zmax, kind, mean, std)
 
 
 def _copy_vqgan(vqgan_dir: Path, out: Path) -> None:
