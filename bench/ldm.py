@@ -9,7 +9,7 @@ held-out label map and records in BENCHMARKS.md:
 - SSIM / PSNR to the real volume of the same label map;
 - seconds per volume and the error reached for DDPM-1000, DDIM-50 and DDIM-25.
 
-    python bench/ldm.py --minutes 10 --ddpm-cases 3 [--latent-norm codebook]
+    python bench/ldm.py --minutes 10 --ddpm-cases 3 [--latent-norm standardize]
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=12.0, help="LDM training wall-time budget")
     ap.add_argument("--cases", type=int, default=60, help="phantom set size (must match bench/vqgan.py)")
     ap.add_argument("--ddpm-cases", type=int, default=4, help="held-out label maps sampled with DDPM-1000")
-    ap.add_argument("--latent-norm", choices=["standardize", "codebook"], default="standardize",
-                    help="latent normalisation (the paper: codebook)")
+    ap.add_argument("--latent-norm", choices=["codebook", "standardize"], default="codebook",
+                    help="latent normalisation (codebook: the paper's and the default)")
     args = ap.parse_args()
     cfg = load_config("tiny", {"ldm": {"latent_norm": args.latent_norm}})
     data = phantoms(args.cases, cfg.data.shape)

@@ -1,7 +1,7 @@
 """The paper's evaluation protocol on the phantom set (analogues of its Tables 2 and 3), plus the
 augmentation study and the privacy audit.
 
-Uses the LDM trained by ``bench/ldm.py``. Generates one volume per held-out (test) label map for the
+Uses the LDM trained by ``bench/ldm.py`` (default latent_norm: codebook). Generates one volume per held-out (test) label map for the
 paper's tables and one per training label map for the augmentation study, then runs
 ``medlsdm.evaluation`` (domain features from the Dice-protocol segmenter, and a randomly initialised
 InceptionV3 named as such: no pretrained FID weights exist on this machine).
@@ -34,7 +34,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = ap.parse_args()
     cfg = load_config("tiny")
-    data, run = phantoms(args.cases, cfg.data.shape), WORK / "ldm"
+    data, run = phantoms(args.cases, cfg.data.shape), WORK / "ldm_codebook"
     t0 = time.perf_counter()
     syn_test, syn_train = WORK / "synthetic_test", WORK / "synthetic_train"
     sample_to_folder(run, data / "labelsTs", syn_test, seed=0, device="cpu")
@@ -72,7 +72,7 @@ def main() -> None:
     feat = priv.get("feature", {})
     md = "\n".join([
         "## Paper protocol on phantoms (Tables 2 and 3 analogues), augmentation, privacy", "", header(command_line()),
-        f"Model: `bench/_work/ldm` from `bench/ldm.py` (tiny preset, DDIM-{cfg.ldm.sampling_steps}). "
+        f"Model: `bench/_work/ldm_codebook` from `bench/ldm.py` (tiny preset, DDIM-{cfg.ldm.sampling_steps}). "
         f"{m['inputs']['n_synthetic']} synthetic volumes from the held-out label maps; sampling took {sample_s:.0f} s, "
         f"the whole protocol {total_s / 60:.1f} min; peak RSS {peak_rss_gib():.2f} GiB.", "",
         f"**Table 2 analogue: Dice of a 3D U-Net trained on the real training set** "

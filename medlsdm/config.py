@@ -89,9 +89,9 @@ class LDMConfig:
     schedule: str = "cosine"
     objective: str = "eps"  # "eps" (paper) or "x0" / "v"
     loss: str = "l2"  # "l2" (paper eq. 13) or "l1" (authors' code)
-    # "standardize" (per-channel mean/std of the encoded training set) or "codebook" (the paper: min-max to
-    # [-1, 1] from the codebook range; off-centre latents that eps-prediction samples badly, see BENCHMARKS.md)
-    latent_norm: str = "standardize"
+    # "codebook" (the paper: min-max to [-1, 1] from the codebook range) or "standardize" (per-channel
+    # mean/std of the encoded training set); both are measured in BENCHMARKS.md
+    latent_norm: str = "codebook"
     cond_drop_prob: float = 0.1  # label map dropped with this probability (trains the unconditional branch)
     guidance_scale: float = 1.0  # 1.0 = conditional model only (authors' code: 1.5)
     ema_decay: float = 0.999

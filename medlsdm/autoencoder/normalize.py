@@ -2,12 +2,12 @@
 
 Two kinds (``ldm.latent_norm``):
 
-- ``codebook`` (the paper, section 4): min-max to [-1, 1] from the codebook's value range,
-  ``2 (z - min) / (max - min) - 1``. On the phantoms this leaves the latents off-centre (mean ~0.5)
-  and narrow (std ~0.17), and an epsilon-predicting model sampled from pure noise loses the global
-  intensity level (BENCHMARKS.md, "ldm" sections);
+- ``codebook`` (the paper, section 4, and the default): min-max to [-1, 1] from the codebook's value
+  range, ``2 (z - min) / (max - min) - 1``. On the phantoms the latents then sit off-centre (mean ~0.5)
+  and narrow (std ~0.17) inside [-1, 1];
 - ``standardize``: per-channel ``(z - mean) / std`` with the statistics of the encoded training set
   (as latent diffusion models usually scale their latents), so the data matches the N(0, I) prior.
+  Measured against ``codebook`` in BENCHMARKS.md (sections ``ldm-codebook`` and ``ldm-standardize``).
 
 Either way ``clip`` is the normalised codebook range: predicted clean latents outside it cannot be
 reached by any code, so samplers may clip there.
