@@ -77,7 +77,7 @@ def test_inception_forward_on_two_slices(inception_file):
     f = ex.features(slices)
     assert f.shape == (2, 2048) and f.dtype == torch.float32 and torch.isfinite(f).all()
     assert (f >= 0).all()  # average of ReLU outputs
-    assert not torch.allclose(f[0], f[1])
+    assert not torch.allclose(f[0], f[1], rtol=1e-3, atol=0.0)  # random weights give tiny features: compare relatively
 
 
 def test_inception_uses_the_fid_variant_pooling():
