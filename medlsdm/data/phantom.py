@@ -234,7 +234,7 @@ def write_phantom_dataset(
 ) -> Path:
     """Write ``n`` phantom subjects in the nnU-Net v2 raw layout and return the data set folder.
 
-    ``imagesTr/phantom_XXX_0000.nii.gz`` + ``labelsTr/phantom_XXX.nii.gz`` for training and the last
+    ``imagesTr/phantom_NNN_0000.nii.gz`` + ``labelsTr/phantom_NNN.nii.gz`` for training and the last
     ``round(n * test_fraction)`` cases (at least 1 when ``n >= 2`` and ``test_fraction > 0``) in
     ``imagesTs`` / ``labelsTs``, plus ``dataset.json``. Case ``i`` uses subject seed ``seed * 100003 + i``.
     A folder that already holds files is refused unless ``overwrite`` (then its phantom files are replaced).
