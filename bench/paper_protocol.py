@@ -4,7 +4,8 @@ augmentation study and the privacy audit.
 Uses the LDM trained by ``bench/ldm.py`` (default latent_norm: codebook). Generates one volume per held-out (test) label map for the
 paper's tables and one per training label map for the augmentation study, then runs
 ``medlsdm.evaluation`` (domain features from the Dice-protocol segmenter, and a randomly initialised
-InceptionV3 named as such: no pretrained FID weights exist on this machine).
+MedicalNet ResNet-10 named as such: no pretrained FID weights exist on this machine; a random
+InceptionV3 over every slice of three planes takes about an hour on 2 CPU cores, so it is left out).
 
     python bench/paper_protocol.py
 """
@@ -48,7 +49,7 @@ def main() -> None:
     sample_s = time.perf_counter() - t0
 
     report = WORK / "report"
-    m = evaluate(data, syn_test, report, train=data, features="domain,random-inception", cfg=run / "config.yaml",
+    m = evaluate(data, syn_test, report, train=data, features="domain,random-medicalnet", cfg=run / "config.yaml",
                  device="cpu", progress=False)
     aug = run_augment_study(data, syn_train, WORK / "augment", cfg=run / "config.yaml", n_real=args.aug_real,
                             seeds=args.seeds, device="cpu", progress=False)
@@ -82,8 +83,9 @@ def main() -> None:
         f"| {fmt(p.get('lpips', {}).get('mean'))} ({p.get('lpips', {}).get('backbone', 'not run')}) | {fmt(p['ssim']['mean'], 4)} | "
         f"{fmt(p['rmse']['mean'], 4)} | {fmt(p['psnr']['mean'], 2)} |", "",
         *t3, "",
-        "FIDs from different extractors are not comparable; the randomly initialised InceptionV3 is a sanity check, "
-        "not the published FID. The domain extractor is the encoder of the Table 2 segmenter.", "",
+        "FIDs from different extractors are not comparable; the randomly initialised MedicalNet is a sanity check, "
+        "not a published FID. The domain extractor is the encoder of the Table 2 segmenter. InceptionV3 (2D FID as in "
+        "the paper) needs pytorch-fid's weights file, which this machine does not have.", "",
         f"Inter-slice consistency (normalised adjacent-slice change, real vs synthetic): real mean "
         f"{fmt(inter.get('real_mean'))}, synthetic mean {fmt(inter.get('synthetic_mean'))}, 1D Wasserstein "
         f"{fmt(inter.get('wasserstein'))}.", "",
