@@ -22,6 +22,7 @@ import torch
 
 from _common import WORK, command_line, header, peak_rss_gib, write_section
 from medlsdm.config import load_config
+from medlsdm.runs import latest_step
 from medlsdm.data.layouts import find_cases
 from medlsdm.data.transforms import load_case
 from medlsdm.evaluation.metrics import class_intensity_error, psnr, ssim
@@ -68,7 +69,7 @@ def main() -> None:
     t0 = time.perf_counter()
     train_ldm(vq_run, lat, config, run, max_steps=100000, max_minutes=args.minutes, device="cpu")
     train_s = time.perf_counter() - t0
-    steps = int((run / "checkpoints" / "latest").read_text().strip().split("_")[1])
+    steps = latest_step(run)
 
     pipe = SynthesisPipeline.from_pretrained(run, device="cpu")
     cases = []

@@ -20,6 +20,7 @@ from monai.metrics import PSNRMetric, SSIMMetric
 
 from _common import WORK, command_line, header, peak_rss_gib, write_section
 from medlsdm.config import load_config
+from medlsdm.runs import latest_step
 from medlsdm.data.dataset import VolumeDataset
 from medlsdm.data.layouts import find_cases
 from medlsdm.data.phantom import write_phantom_dataset
@@ -74,7 +75,7 @@ def main() -> None:
     t0 = time.perf_counter()
     train_vqgan(data, "tiny", run, max_steps=100000, max_minutes=args.minutes, device="cpu")
     train_s = time.perf_counter() - t0
-    steps = int((run / "checkpoints" / "latest").read_text().strip().split("_")[1])
+    steps = latest_step(run)
     res = evaluate(run, data, cfg)
     res.update(steps=steps, train_seconds=round(train_s, 1), seconds_per_step=round(train_s / max(steps, 1), 2),
                peak_rss_gib=round(peak_rss_gib(), 2))

@@ -18,6 +18,7 @@ from medlsdm.config import load_config
 from medlsdm.data.phantom import write_phantom_dataset
 from medlsdm.io import atomic_write_text
 from medlsdm.pipeline import sample_to_folder
+from medlsdm.runs import latest_step
 from medlsdm.training.latents import encode_dataset
 from medlsdm.training.run import train_ldm, train_vqgan
 
@@ -28,8 +29,7 @@ FAST = {"cases": 10, "vqgan_steps": 4, "disc_start": 2, "ldm_steps": 4}
 
 
 def _done(run: Path, steps: int) -> bool:
-    pointer = run / "checkpoints" / "latest"
-    return pointer.is_file() and pointer.read_text().strip() == f"step_{steps:07d}"
+    return latest_step(run) == steps
 
 
 def run_demo(out: Path, device: str = "cpu", fast: bool = False) -> Path:
@@ -53,11 +53,11 @@ def run_demo(out: Path, device: str = "cpu", fast: bool = False) -> Path:
               test_fraction=0.2)
     if not _done(vq_run, plan["vqgan_steps"]):
         stage("train VQ-GAN", train_vqgan, data, config, vq_run, max_steps=plan["vqgan_steps"],
-              resume=(vq_run / "checkpoints" / "latest").is_file(), device=device)
+              resume=latest_step(vq_run) is not None, device=device)
     stage("encode", encode_dataset, vq_run, data, latents, device=device)
     if not _done(ldm_run, plan["ldm_steps"]):
         stage("train LDM", train_ldm, vq_run, latents, config, ldm_run, max_steps=plan["ldm_steps"],
-              resume=(ldm_run / "checkpoints" / "latest").is_file(), device=device)
+              resume=latest_step(ldm_run) is not None, device=device)
     test_labels = data / "labelsTs"
     stage("sample", sample_to_folder, ldm_run, test_labels, samples, n_per_label=1, seed=0, device=device)
     return _summary(out, data, samples, timings, plan)

@@ -7,6 +7,7 @@ copy of its frozen VQ-GAN under ``vqgan/`` so that it can be moved and used offl
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -25,16 +26,31 @@ def run_config(run_dir: Path) -> Config:
     return load_config(path)
 
 
+def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    """``RUN_DIR/checkpoints/step_NNNNNNN`` named by ``checkpoints/latest``, or None before the first one."""
+    pointer = Path(run_dir) / "checkpoints" / "latest"
+    if not pointer.is_file():
+        return None
+    path = pointer.parent / pointer.read_text().strip()
+    return path if path.is_dir() else None
+
+
+def latest_step(run_dir: Path) -> Optional[int]:
+    """The optimiser step of the newest finished checkpoint, or None."""
+    ckpt = latest_checkpoint(run_dir)
+    return None if ckpt is None else int(ckpt.name.split("_")[1])
+
+
 def latest_weights(run_dir: Path, name: str) -> Path:
     """``RUN_DIR/checkpoints/<latest>/<name>.safetensors`` (or ``RUN_DIR/<name>.safetensors`` for exports)."""
     run_dir = Path(run_dir)
     flat = run_dir / f"{name}.safetensors"
     if flat.is_file():
         return flat
-    pointer = run_dir / "checkpoints" / "latest"
-    if not pointer.is_file():
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
         raise UserError(f"{run_dir}: no finished checkpoint (checkpoints/latest is missing)")
-    path = run_dir / "checkpoints" / pointer.read_text().strip() / f"{name}.safetensors"
+    path = ckpt / f"{name}.safetensors"
     if not path.is_file():
         raise UserError(f"{path}: checkpoint file not found")
     return path

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from medlsdm.config import Config, TrainConfig, save_config
 from medlsdm.errors import UserError
 from medlsdm.io import atomic_write_text, load_into, load_state, save_state, save_weights
+from medlsdm.runs import latest_checkpoint
 from medlsdm.training.distributed import DistContext
 
 
@@ -163,11 +164,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def latest_checkpoint(self) -> Optional[Path]:
-        pointer = self.ckpt_root / "latest"
-        if not pointer.is_file():
-            return None
-        path = self.ckpt_root / pointer.read_text().strip()
-        return path if path.is_dir() else None
+        return latest_checkpoint(self.run_dir)
 
     def save_checkpoint(self) -> Path:
         """Write the checkpoint to a temporary folder and rename it into place; then move ``latest``."""

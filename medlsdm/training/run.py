@@ -49,14 +49,15 @@ def _write_run_info(out: Path, dist: DistContext, **extra: object) -> None:
     atomic_write_text(out / "run_info.json", json.dumps(info, indent=2))
 
 
-def _image_split(data: Path, cfg: Config, layout: str, label_dir: Optional[Path], labels: bool, out: Path):
+def _image_split(data: Path, cfg: Config, layout: str, label_dir: Optional[Path], labels: bool, out: Path,
+                 val_fraction: float):
     """Train/val VolumeDatasets; preprocessed samples are cached in ``data.cache_dir`` or else ``RUN_DIR/cache``."""
     cases = find_cases(Path(data), layout=layout, split="train", label_dir=label_dir)
     if labels:
         unlabelled = [c for c in cases if c.label is None]
         if unlabelled:
             raise UserError(f"{unlabelled[0].image}: no label map; diffusion training needs image/label pairs")
-    train, val = split_cases(cases, cfg.train_vqgan.val_fraction, cfg.seed)
+    train, val = split_cases(cases, val_fraction, cfg.seed)
     kw = dict(with_images=True, with_labels=labels, cache_dir=cfg.data.cache_dir or str(out / "cache"))
     return VolumeDataset(train, cfg.data, **kw), (VolumeDataset(val, cfg.data, **kw) if val else None)
 
@@ -75,7 +76,8 @@ def train_vqgan(data: Path, config: Optional[str | Path], out: Path, layout: str
     check_target_shape(cfg.data.shape, cfg.vqgan.downsample, "config data.shape")
     dist = init_distributed(device)
     try:
-        train_set, val_set = _image_split(data, cfg, layout, label_dir, labels=False, out=out)
+        train_set, val_set = _image_split(data, cfg, layout, label_dir, labels=False, out=out,
+                                          val_fraction=cfg.train_vqgan.val_fraction)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         task = VQGANTask(cfg)
         if dist.is_main:
@@ -122,7 +124,8 @@ def train_ldm(vqgan_dir: Path, data: Path, config: Optional[str | Path], out: Pa
             train_set = LatentDataset(data, sorted(order[n_val:]))
             val_set = LatentDataset(data, sorted(order[:n_val])) if n_val else None
         else:
-            train_set, val_set = _image_split(data, cfg, layout, label_dir, labels=True, out=out)
+            train_set, val_set = _image_split(data, cfg, layout, label_dir, labels=True, out=out,
+                                              val_fraction=cfg.train_ldm.val_fraction)
             normalizer = _normalizer_from_images(vqgan, train_set, kind, dist, progress)
         torch.manual_seed(cfg.seed)
         task = LDMTask(cfg, vqgan, normalizer)
