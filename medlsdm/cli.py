@@ -79,9 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_cmd_encode)
 
-    p = sub.add_parser("train-ldm", help="train the latent semantic diffusion model (stage 2)",
-                       description="Train the SPADE diffusion U-Net on VQ-GAN latents (a latents folder from 'encode', or an image/label data set encoded on the fly).")
-    p.add_argument("--vqgan", type=Path, required=True, help="VQ-GAN run folder")
+    p = sub.add_parser("train-ldm", help="train the latent semantic diffusion model (stage 2) or a baseline",
+                       description="Train the SPADE diffusion U-Net on VQ-GAN latents (a latents folder from 'encode', or an image/label data set encoded on the fly); "
+                                   "--method slice2d / pixel3d trains a baseline on image/label pairs instead (no VQ-GAN).")
+    p.add_argument("--vqgan", type=Path, default=None, help="VQ-GAN run folder (required for method lsdm)")
+    p.add_argument("--method", default=None,
+                   help="lsdm (Med-LSDM), slice2d (2D slices, SegGuidedDiff-style) or pixel3d (3D image space, "
+                        "Med-DDPM-style); default: the config's ldm.method (lsdm in the presets)")
     _add_data(p)
     _add_config(p, default=None)
     _add_train(p)
@@ -89,16 +93,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="label maps in, synthetic NIfTI volumes out",
                        description="Generate volumes from label maps; each output has its label map's geometry.")
-    p.add_argument("--model", type=Path, required=True, help="LDM run folder")
+    p.add_argument("--model", type=Path, required=True, help="train-ldm run folder (any method)")
     p.add_argument("--labels", type=Path, required=True, help="a label map NIfTI file or a folder of them")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--n-per-label", type=int, default=1)
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default=None, help="default: the model's config")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (DDIM); DDPM uses all T")
+    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++"], default=None,
+                   help="ddpm (all T steps), ddim or dpm++ (DPM-Solver++(2M)); default: the model's config")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (DDIM, DPM++); DDPM uses all T")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = conditional only)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=1, help="volumes (label maps of one shape) per U-Net call")
     p.add_argument("--device", default="auto")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=None,
+                   help="U-Net under bf16 autocast (auto: on GPU only); default: the config's ldm.sample_precision")
+    p.add_argument("--compile", action="store_true", help="torch.compile the U-Net (pays off for many volumes)")
+    p.add_argument("--no-spade-cache", action="store_true",
+                   help="recompute SPADE's label-map modulations at every step (reference path; slower)")
+    p.add_argument("--window-overlap", type=float, default=None,
+                   help="label maps deeper than the training shape: share of a depth window overlapping the next "
+                        "(default: the config's ldm.window_overlap, 0.5)")
+    p.add_argument("--window-batch", type=int, default=None, help="depth windows per U-Net call (default 1)")
     p.set_defaults(func=_cmd_sample)
 
     p = sub.add_parser("evaluate", help="compare synthetic volumes with real ones (the paper's metrics) and write a report",
@@ -193,16 +207,30 @@ def _cmd_train_ldm(a: argparse.Namespace) -> None:
     from medlsdm.training.run import train_ldm
 
     train_ldm(a.vqgan, a.data, a.config, a.out, layout=a.layout, label_dir=a.label_dir, max_steps=a.max_steps,
-              resume=a.resume, device=a.device, seed=a.seed, progress=not a.no_progress, max_minutes=a.max_minutes)
+              resume=a.resume, device=a.device, seed=a.seed, progress=not a.no_progress, max_minutes=a.max_minutes,
+              method=a.method)
 
 
 def _cmd_sample(a: argparse.Namespace) -> None:
     from medlsdm.pipeline import sample_to_folder
+    from medlsdm.training.distributed import cleanup_distributed, init_distributed
 
-    written = sample_to_folder(a.model, a.labels, a.out, n_per_label=a.n_per_label, sampler=a.sampler,
-                               steps=a.steps, guidance=a.guidance, seed=a.seed, batch_size=a.batch_size,
-                               device=a.device)
-    print(f"wrote {len(written)} volume(s) to {a.out}")
+    options = {k: v for k, v in (("sample_precision", a.precision), ("window_overlap", a.window_overlap),
+                                 ("window_batch", a.window_batch)) if v is not None}
+    if a.compile:
+        options["sample_compile"] = True
+    if a.no_spade_cache:
+        options["spade_cache"] = False
+    ctx = init_distributed(a.device)  # under torchrun: each rank takes every world_size-th volume
+    try:
+        written = sample_to_folder(a.model, a.labels, a.out, n_per_label=a.n_per_label, sampler=a.sampler,
+                                   steps=a.steps, guidance=a.guidance, seed=a.seed, batch_size=a.batch_size,
+                                   device=str(ctx.device), rank=ctx.rank, world_size=ctx.world_size,
+                                   progress=ctx.is_main, options=options)
+    finally:
+        cleanup_distributed()
+    where = f" (rank {ctx.rank} of {ctx.world_size})" if ctx.enabled else ""
+    print(f"wrote {len(written)} volume(s) to {a.out}{where}")
 
 
 def _cmd_evaluate(a: argparse.Namespace) -> None:

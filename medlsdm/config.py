@@ -21,6 +21,7 @@ from medlsdm.errors import UserError
 
 PRESETS_DIR = Path(__file__).parent / "configs"
 PRESETS = ("tiny", "paper")
+LDM_METHODS = ("lsdm", "slice2d", "pixel3d")  # Med-LSDM and the two baselines (see medlsdm.diffusion.baselines)
 
 
 @dataclass
@@ -76,8 +77,12 @@ class VQGANConfig:
 
 @dataclass
 class LDMConfig:
-    """Stage 2: latent semantic diffusion model (paper section 3.3)."""
+    """Stage 2: latent semantic diffusion model (paper section 3.3), or one of the baselines (``method``)."""
 
+    # "lsdm" (Med-LSDM: SPADE U-Net on VQ-GAN latents), "slice2d" (SegGuidedDiff-style: 2D slices, mask
+    # concatenated, stacked) or "pixel3d" (Med-DDPM-style: 3D image space, label map concatenated)
+    method: str = "lsdm"
+    slices_per_volume: int = 4  # slice2d: random axial slices per training volume and step (0 = all)
     model_channels: int = 64
     channel_mult: tuple[int, ...] = (1, 2, 4)
     num_res_blocks: int = 2
@@ -99,6 +104,16 @@ class LDMConfig:
     sampling_steps: int = 50
     clip_sample: bool = True  # clip the predicted x0 to [-1, 1] at every sampling step
     use_checkpoint: bool = False  # gradient checkpointing in the U-Net (saves memory on large volumes)
+    # sampling: full-length volumes and efficiency switches (each measured by bench/speed.py)
+    window_overlap: float = 0.5  # label maps deeper than data.shape: share of a depth window overlapping the next
+    window_batch: int = 1  # depth windows per U-Net call (memory grows with it)
+    spade_cache: bool = True  # compute SPADE's label-map modulations once per label map, not at every step (exact)
+    sample_precision: str = "auto"  # "auto" (bf16 autocast on GPU, fp32 on CPU), "bf16" or "fp32"
+    sample_compile: bool = False  # torch.compile the U-Net for sampling (pays off for many volumes)
+
+    def __post_init__(self) -> None:
+        if self.method not in LDM_METHODS:
+            raise UserError(f"config: unknown ldm.method '{self.method}' (choose from {', '.join(LDM_METHODS)})")
 
 
 @dataclass

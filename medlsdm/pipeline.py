@@ -7,10 +7,13 @@
 Steps: label map -> preprocessing exactly as in training -> one-hot (B, C, D, H, W) -> noise ->
 denoise with the semantic U-Net (DDPM / DDIM, optional classifier-free guidance) -> de-normalise ->
 quantise to the nearest codebook entries -> VQ-GAN decode -> inverse preprocessing -> NIfTI.
+The baselines (``ldm.method`` slice2d / pixel3d, :mod:`medlsdm.diffusion.baselines`) have no VQ-GAN:
+their sampler's output already is the volume.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +27,9 @@ from medlsdm.autoencoder.normalize import LatentNormalizer
 from medlsdm.config import Config
 from medlsdm.data.checks import check_target_shape
 from medlsdm.data.transforms import LabelGeometry, load_label_map, one_hot, save_volume
+from medlsdm.diffusion.baselines import build_baseline, is_baseline
 from medlsdm.diffusion.model import LatentDiffusion
+from medlsdm.diffusion.windows import DepthWindows
 from medlsdm.errors import UserError
 from medlsdm.io import load_into
 from medlsdm.runs import latest_weights, load_vqgan, run_config
@@ -49,11 +54,14 @@ class GeneratedVolume:
 
 
 class SynthesisPipeline:
-    """The frozen VQ-GAN + the (EMA) semantic U-Net of an LDM run, ready to sample."""
+    """The frozen VQ-GAN + the (EMA) semantic U-Net of an LDM run, ready to sample (for a baseline run:
+    ``vqgan`` and ``normalizer`` are None and the diffusion model works on the image itself)."""
 
-    def __init__(self, vqgan: nn.Module, diffusion: LatentDiffusion, normalizer: LatentNormalizer, cfg: Config) -> None:
+    def __init__(self, vqgan: Optional[nn.Module], diffusion: LatentDiffusion, normalizer: Optional[LatentNormalizer],
+                 cfg: Config) -> None:
         self.vqgan, self.diffusion, self.normalizer, self.cfg = vqgan, diffusion, normalizer, cfg
-        diffusion.clip_value = normalizer.clip  # predicted clean latents stay within the codebook's range
+        if normalizer is not None:
+            diffusion.clip_value = normalizer.clip  # predicted clean latents stay within the codebook's range
         self.device = next(diffusion.parameters()).device
 
     @classmethod
@@ -62,36 +70,85 @@ class SynthesisPipeline:
         run_dir = Path(run_dir)
         cfg = run_config(run_dir)
         dev = resolve_device(device)
-        vqgan, _ = load_vqgan(run_dir / "vqgan", dev)
         diffusion = build_diffusion(cfg)
         load_into(diffusion.unet, latest_weights(run_dir, "unet_ema" if use_ema else "unet"), what="semantic U-Net")
         diffusion.to(dev).eval().requires_grad_(False)
+        if is_baseline(cfg):
+            return cls(None, diffusion, None, cfg)
+        vqgan, _ = load_vqgan(run_dir / "vqgan", dev)
         return cls(vqgan, diffusion, LatentNormalizer.load(run_dir / "latent_stats.json"), cfg)
 
     @torch.no_grad()
     def generate(self, labels: torch.Tensor, sampler: Optional[str] = None, steps: Optional[int] = None,
-                 guidance: Optional[float] = None, eta: float = 0.0, generator: Optional[torch.Generator] = None,
+                 guidance: Optional[float] = None, eta: float = 0.0,
+                 generator: Optional[torch.Generator | list[torch.Generator]] = None,
                  progress: bool = False) -> torch.Tensor:
-        """Class-index label maps (B, 1, D, H, W) -> volumes (B, 1, D, H, W) in [-1, 1]."""
+        """Class-index label maps (B, 1, D, H, W) -> volumes (B, 1, D, H, W) in [-1, 1], all B through each
+        U-Net call. ``generator``: one, or one per label map (each volume then is the same in any batch).
+        Label maps deeper than the training shape are denoised and decoded on overlapping depth windows of
+        the training depth (``ldm.window_overlap``), so memory stays that of the training window."""
         ldm = self.cfg.ldm
         onehot = one_hot(labels.to(self.device), self.cfg.data.num_classes)
+        options: dict = {}
+        if ldm.window_batch < 1:
+            raise UserError(f"config: ldm.window_batch must be at least 1, got {ldm.window_batch}")
+        if type(self.diffusion).sample is LatentDiffusion.sample:  # baselines that sample their own way: as before
+            options = dict(window=self.window, overlap=self.overlap, window_batch=ldm.window_batch,
+                           cache=ldm.spade_cache, precision=ldm.sample_precision, compile=ldm.sample_compile)
+        elif isinstance(generator, list):
+            generator = generator[0]
         z = self.diffusion.sample(onehot, sampler or ldm.sampler, steps or ldm.sampling_steps,
-                                  ldm.guidance_scale if guidance is None else guidance, eta, generator, progress)
-        return self.decode_latents(z)
+                                  ldm.guidance_scale if guidance is None else guidance, eta, generator, progress,
+                                  **options)
+        return self.decode_latents(z) if self.vqgan is not None else z.float().clamp(-1, 1)
+
+    @property
+    def window(self) -> int:
+        """Latent slices of the training volumes: the depth window the U-Net and the decoder see at once."""
+        return max(1, self.cfg.data.shape[0] // self.diffusion.unet.image_down[0])
+
+    @property
+    def overlap(self) -> int:
+        """Latent slices shared by neighbouring depth windows (``ldm.window_overlap`` of a window)."""
+        if not 0.0 <= self.cfg.ldm.window_overlap < 1.0:
+            raise UserError(f"config: ldm.window_overlap must be in [0, 1), got {self.cfg.ldm.window_overlap}")
+        return int(round(self.window * self.cfg.ldm.window_overlap))
+
+    @property
+    def keep_larger(self) -> Optional[tuple[int, int, int]]:
+        """How label maps larger than ``data.shape`` are kept whole (see ``load_label_map``); None: cropped."""
+        return tuple(self.cfg.vqgan.downsample) if self.vqgan is not None else None
+
+    def configure(self, **ldm_options) -> "SynthesisPipeline":
+        """Override sampling settings of ``cfg.ldm`` for this pipeline, e.g. ``spade_cache=False``,
+        ``sample_precision="bf16"``, ``sample_compile=True``, ``window_overlap=0.25``, ``window_batch=2``."""
+        unknown = set(ldm_options) - {f.name for f in dataclasses.fields(self.cfg.ldm)}
+        if unknown:
+            raise UserError(f"unknown sampling option(s) {sorted(unknown)}")
+        self.cfg = dataclasses.replace(self.cfg, ldm=dataclasses.replace(self.cfg.ldm, **ldm_options))
+        return self
 
     @torch.no_grad()
     def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
-        """Normalised latents (B, E, d, h, w) -> de-normalise -> nearest codebook entries -> decode."""
+        """Normalised latents (B, E, d, h, w) -> de-normalise -> nearest codebook entries -> decode; latents
+        deeper than the training window are decoded window by window and blended (bounded memory)."""
         z = self.normalizer.denormalize(z.float())
         q = self.vqgan.quantizer
-        return self.vqgan.decode(q.lookup(q.nearest(z))).float().clamp(-1, 1)
+
+        def decode(zw: torch.Tensor) -> torch.Tensor:
+            return self.vqgan.decode(q.lookup(q.nearest(zw))).float()
+
+        if z.shape[2] <= self.window:
+            return decode(z).clamp(-1, 1)
+        windows = DepthWindows(z.shape[2], self.window, self.overlap)
+        return windows.blend(lambda s, e: decode(z[:, :, s:e]), scale=self.cfg.vqgan.downsample[0]).clamp(-1, 1)
 
     def __call__(self, label_map: Path | str | torch.Tensor, n: int = 1, seed: int = 0, **kwargs) -> list[GeneratedVolume]:
         """``n`` volumes for one label map (a file, or a (D, H, W) class-index tensor in model space)."""
         if isinstance(label_map, torch.Tensor):
             label, geometry = label_map.long().reshape(1, *label_map.shape[-3:]), None
         else:
-            label, geometry = load_label_map(Path(label_map), self.cfg.data)
+            label, geometry = load_label_map(Path(label_map), self.cfg.data, self.keep_larger)
         out = []
         for k in range(n):
             g = torch.Generator(self.device).manual_seed(seed + k)
@@ -101,7 +158,10 @@ class SynthesisPipeline:
 
 
 def build_diffusion(cfg: Config) -> LatentDiffusion:
-    """The LatentDiffusion of a config (latent channels and down-sampling come from the VQ-GAN section)."""
+    """The LatentDiffusion of a config (latent channels and down-sampling come from the VQ-GAN section),
+    or the baseline model that ``cfg.ldm.method`` names."""
+    if is_baseline(cfg):
+        return build_baseline(cfg)
     check_target_shape(cfg.data.shape, cfg.vqgan.downsample, "config data.shape")
     return LatentDiffusion.from_config(cfg.ldm, num_classes=cfg.data.num_classes, image_down=cfg.vqgan.downsample,
                                        in_channels=cfg.vqgan.embedding_dim)
@@ -132,40 +192,55 @@ def volume_seed(seed: int, name: str, k: int) -> int:
 def sample_to_folder(model: Path, labels: Path, out: Path, n_per_label: int = 1, sampler: Optional[str] = None,
                      steps: Optional[int] = None, guidance: Optional[float] = None, seed: int = 0,
                      batch_size: int = 1, device: str = "auto", progress: bool = True,
-                     rank: int = 0, world_size: int = 1, preview: bool = True) -> list[Path]:
+                     rank: int = 0, world_size: int = 1, preview: bool = True,
+                     options: Optional[dict] = None) -> list[Path]:
     """Generate ``n_per_label`` volumes per label map into ``out`` (``<label>_s<k>.nii.gz`` + ``.png``).
 
-    Resumable: volumes already present are skipped. With batch_size 1 every volume depends only on
-    (seed, label file name, k); larger batches share one noise generator per batch.
-    Under torchrun each rank takes every ``world_size``-th job, so nothing is generated twice.
+    Resumable: volumes already present are skipped. Every volume depends only on (seed, label file name,
+    k): each has its own noise generator, also when ``batch_size`` volumes (label maps of one shape) go
+    through the U-Net together. Under torchrun each rank takes every ``world_size``-th job, so nothing is
+    generated twice. ``options``: :meth:`SynthesisPipeline.configure` overrides (efficiency switches).
     """
     from medlsdm.viz import save_preview
 
     if n_per_label < 1 or batch_size < 1:
         raise UserError("--n-per-label and --batch-size must be at least 1")
-    pipe = SynthesisPipeline.from_pretrained(model, device)
+    pipe = SynthesisPipeline.from_pretrained(model, device).configure(**(options or {}))
     files = label_files(labels)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(f, k) for f in files for k in range(n_per_label)][rank::world_size]
     todo = [(f, k) for f, k in jobs if not (out / f"{_stem(f)}_s{k}.nii.gz").exists()]
-    loaded: dict[Path, tuple[torch.Tensor, LabelGeometry]] = {}
+
+    def batches():  # consecutive jobs whose label maps have one shape; one label map in memory at a time
+        batch: list = []
+        current: tuple = (None, None)
+        for f, k in todo:
+            if current[0] != f:
+                current = (f, load_label_map(f, pipe.cfg.data, pipe.keep_larger))
+            label, geometry = current[1]
+            if batch and (len(batch) == batch_size or batch[0][2].shape != label.shape):
+                yield batch
+                batch = []
+            batch.append((f, k, label, geometry))
+        if batch:
+            yield batch
+
     written: list[Path] = []
-    for start in tqdm(range(0, len(todo), batch_size), desc="sample", disable=not progress):
-        batch = todo[start:start + batch_size]
-        for f, _ in batch:
-            if f not in loaded:
-                loaded[f] = load_label_map(f, pipe.cfg.data)
-        labels_b = torch.stack([loaded[f][0] for f, _ in batch])
-        g = torch.Generator(pipe.device).manual_seed(volume_seed(seed, batch[0][0].name, batch[0][1]))
-        vols = pipe.generate(labels_b, sampler, steps, guidance, generator=g)
-        for (f, k), vol in zip(batch, vols):
+    bar = tqdm(total=len(todo), desc="sample", unit="volume", disable=not progress)
+    for batch in batches():
+        labels_b = torch.stack([label for _, _, label, _ in batch])
+        gens = [torch.Generator(pipe.device).manual_seed(volume_seed(seed, f.name, k)) for f, k, _, _ in batch]
+        vols = pipe.generate(labels_b, sampler, steps, guidance, generator=gens)
+        for (f, k, label, geometry), vol in zip(batch, vols):
             target = out / f"{_stem(f)}_s{k}.nii.gz"
-            save_volume(vol.cpu(), loaded[f][1], target, pipe.cfg.data)
+            save_volume(vol.cpu(), geometry, target, pipe.cfg.data)
             if preview:
                 save_preview(target.with_name(target.name.replace(".nii.gz", ".png")),
-                             {"synthetic": vol[0].cpu().numpy()}, labels=loaded[f][0][0].numpy(),
+                             {"synthetic": vol[0].cpu().numpy()}, labels=label[0].numpy(),
                              title=f"{f.name} sample {k}")
             written.append(target)
+        bar.update(len(batch))
+    bar.close()
     return written
 

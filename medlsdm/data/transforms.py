@@ -179,9 +179,15 @@ def _scale_intensity(x: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
 
 
 def preprocess(
-    array: torch.Tensor, affine: np.ndarray, cfg: DataConfig, is_label: bool
+    array: torch.Tensor, affine: np.ndarray, cfg: DataConfig, is_label: bool,
+    keep_larger: Optional[tuple[int, int, int]] = None,
 ) -> tuple[torch.Tensor, LabelGeometry]:
-    """(X, Y, Z) array + affine -> ((1, D, H, W) tensor, geometry). Labels must already be class indices."""
+    """(X, Y, Z) array + affine -> ((1, D, H, W) tensor, geometry). Labels must already be class indices.
+
+    ``keep_larger`` (a (D, H, W) multiple, e.g. the VQ-GAN's down-sampling; crop_pad mode only): axes longer
+    than ``cfg.shape`` are not cropped but padded up to that multiple, so a full-length volume keeps all of
+    its slices (sampling); shorter axes are padded to ``cfg.shape`` as usual.
+    """
     if cfg.resize_mode not in ("crop_pad", "resize"):
         raise UserError(f"config: data.resize_mode must be 'crop_pad' or 'resize', got {cfg.resize_mode!r}")
     x = MetaTensor(array[None].float(), affine=torch.as_tensor(affine, dtype=torch.float64))
@@ -198,6 +204,8 @@ def preprocess(
     if not is_label:
         x = _scale_intensity(x, cfg)
     target = tuple(cfg.shape[::-1])
+    if keep_larger is not None and cfg.resize_mode == "crop_pad":
+        target = tuple(max(t, -(-n // m) * m) for t, n, m in zip(target, spaced_shape, tuple(keep_larger)[::-1]))
     crop, pad = _crop_pad_borders(spaced_shape, target)
     if cfg.resize_mode == "crop_pad":
         x = _crop_then_pad(x, crop, pad, value=0.0 if is_label else -1.0)
@@ -210,7 +218,7 @@ def preprocess(
         affine=np.asarray(affine, dtype=np.float64), shape=tuple(array.shape),
         oriented_affine=oriented_affine, oriented_shape=oriented_shape,
         spaced_affine=spaced_affine, spaced_shape=spaced_shape,
-        resize_mode=cfg.resize_mode, crop=crop, pad=pad, target_shape=tuple(cfg.shape),
+        resize_mode=cfg.resize_mode, crop=crop, pad=pad, target_shape=tuple(target[::-1]),
     )  # fmt: skip
     return out, geometry
 
@@ -221,10 +229,13 @@ def load_image(path: str | Path, cfg: DataConfig) -> tuple[torch.Tensor, LabelGe
     return preprocess(array, affine, cfg, is_label=False)
 
 
-def load_label_map(path: str | Path, cfg: DataConfig) -> tuple[torch.Tensor, LabelGeometry]:
-    """Label map file -> (LongTensor (1, D, H, W) of class indices, geometry to write results onto)."""
+def load_label_map(
+    path: str | Path, cfg: DataConfig, keep_larger: Optional[tuple[int, int, int]] = None
+) -> tuple[torch.Tensor, LabelGeometry]:
+    """Label map file -> (LongTensor (1, D, H, W) of class indices, geometry to write results onto).
+    ``keep_larger``: see :func:`preprocess` (sampling full-length volumes)."""
     array, affine = read_volume(path)
-    return preprocess(remap_labels(array, cfg, path), affine, cfg, is_label=True)
+    return preprocess(remap_labels(array, cfg, path), affine, cfg, is_label=True, keep_larger=keep_larger)
 
 
 def load_case(

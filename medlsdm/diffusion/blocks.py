@@ -82,11 +82,29 @@ class SPADE(nn.Module):
         self.gamma = nn.Conv3d(hidden, channels, 3, padding=1)
         self.beta = nn.Conv3d(hidden, channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
-        if seg.shape[2:] != x.shape[2:]:
-            seg = F.interpolate(seg, size=x.shape[2:], mode="nearest")
+    def modulation(self, seg: torch.Tensor, size: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(1 + gamma, beta)``, each (B, channels, *size): they depend on the label map only, so a sampler
+        may compute them once per label map and pass them to :meth:`forward` in place of ``seg``."""
+        if tuple(seg.shape[2:]) != tuple(size):
+            seg = F.interpolate(seg, size=tuple(size), mode="nearest")
         actv = self.shared(seg)
-        return self.norm(x) * (1 + self.gamma(actv)) + self.beta(actv)
+        return 1 + self.gamma(actv), self.beta(actv)
+
+    def forward(self, x: torch.Tensor, seg: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        scale, shift = seg if isinstance(seg, tuple) else self.modulation(seg, tuple(x.shape[2:]))
+        return self.norm(x) * scale + shift
+
+
+class PlainNorm(nn.Module):
+    """Affine GroupNorm with SPADE's call signature: ``(x, seg, ...) -> norm(x)``, ``seg`` ignored. The norm of
+    the decoder blocks of concat-conditioned U-Nets (the baselines), whose label map enters at the input."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.norm = nn.GroupNorm(norm_groups(channels), channels)
+
+    def forward(self, x: torch.Tensor, *_: object) -> torch.Tensor:
+        return self.norm(x)
 
 
 class EncoderResBlock(nn.Module):
@@ -114,27 +132,38 @@ class EncoderResBlock(nn.Module):
 
 
 class DecoderResBlock(nn.Module):
-    """As :class:`EncoderResBlock` but both norms are :class:`SPADE` driven by the semantic features.
+    """As :class:`EncoderResBlock` but both norms are :class:`SPADE` driven by the semantic features
+    (``semantic_channels`` None: :class:`PlainNorm` instead, and ``seg`` may be None).
 
     ``forward(x (B, C_in, d, h, w), emb (B, E), seg (B, S, d, h, w)) -> (B, C_out, d, h, w)``.
     """
 
     def __init__(
-        self, in_channels: int, out_channels: int, emb_channels: int, semantic_channels: int, dropout: float = 0.0
+        self, in_channels: int, out_channels: int, emb_channels: int, semantic_channels: int | None,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        self.in_norm = SPADE(in_channels, semantic_channels)
+        norm = PlainNorm if semantic_channels is None else (lambda c: SPADE(c, semantic_channels))
+        self.in_norm = norm(in_channels)
         self.in_conv = nn.Sequential(nn.SiLU(), nn.Conv3d(in_channels, out_channels, 3, padding=1))
-        self.out_norm = SPADE(out_channels, semantic_channels)
+        self.out_norm = norm(out_channels)
         self.time = TimestepScaleShift(emb_channels, out_channels)
         self.out_layers = nn.Sequential(
             nn.SiLU(), nn.Dropout(dropout), zero_module(nn.Conv3d(out_channels, out_channels, 3, padding=1))
         )
         self.skip = nn.Identity() if in_channels == out_channels else nn.Conv3d(in_channels, out_channels, 1)
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
-        h = self.in_conv(self.in_norm(x, seg))
-        h = self.out_layers(self.time(self.out_norm(h, seg), emb))
+    def modulations(self, seg: torch.Tensor, size: tuple[int, ...]) -> tuple | None:
+        """Both SPADEs' ``(1 + gamma, beta)`` for features ``seg`` at spatial ``size``; pass the result to
+        :meth:`forward` as ``seg`` to skip recomputing them (None for plain norms: nothing to cache)."""
+        if not isinstance(self.in_norm, SPADE):
+            return None
+        return self.in_norm.modulation(seg, size), self.out_norm.modulation(seg, size)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, seg: torch.Tensor | tuple | None) -> torch.Tensor:
+        seg_in, seg_out = seg if isinstance(seg, tuple) and isinstance(seg[0], tuple) else (seg, seg)
+        h = self.in_conv(self.in_norm(x, seg_in))
+        h = self.out_layers(self.time(self.out_norm(h, seg_out), emb))
         return self.skip(x) + h
 
 

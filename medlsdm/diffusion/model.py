@@ -15,9 +15,10 @@ from torch import nn
 from medlsdm.config import LDMConfig
 from medlsdm.diffusion.guidance import guided_model_fn
 from medlsdm.diffusion.samplers import make_sampler
-from medlsdm.diffusion.samplers.base import randn
+from medlsdm.diffusion.samplers.base import ModelFn, randn
 from medlsdm.diffusion.schedule import NoiseSchedule, check_objective
-from medlsdm.diffusion.unet import SemanticUNet
+from medlsdm.diffusion.unet import SemanticUNet, cached_condition
+from medlsdm.diffusion.windows import DepthWindows, windowed_model_fn
 from medlsdm.errors import UserError
 
 LOSSES = ("l2", "l1")
@@ -61,6 +62,14 @@ class LatentDiffusion(nn.Module):
         schedule = NoiseSchedule(cfg.num_timesteps, cfg.schedule)
         return cls(unet, schedule, cfg.objective, cfg.loss, cfg.cond_drop_prob, cfg.clip_sample)
 
+    def view(self, unet: nn.Module, cond_drop_prob: float | None = None) -> "LatentDiffusion":
+        """The same diffusion (schedule, objective, loss, clipping) over another U-Net: a DDP-wrapped
+        training view or an EMA copy. Subclasses (the baselines) return their own type."""
+        p = self.cond_drop_prob if cond_drop_prob is None else cond_drop_prob
+        other = LatentDiffusion(unet, self.schedule, self.objective, self.loss, p, self.clip_sample)
+        other.clip_value = self.clip_value
+        return other
+
     def forward(
         self, x_t: torch.Tensor, t: torch.Tensor, labels_onehot: torch.Tensor | None, drop: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -102,20 +111,62 @@ class LatentDiffusion(nn.Module):
         steps: int | None = None,
         guidance_scale: float = 1.0,
         eta: float = 0.0,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         progress: bool = True,
+        window: int | None = None,
+        overlap: int | None = None,
+        window_batch: int = 1,
+        cache: bool = False,
+        precision: str = "fp32",
+        compile: bool = False,
     ) -> torch.Tensor:
         """Latents ``(B, 8, d, h, w)`` within ``clip_value`` (when clipping) for the label map ``(B, C, D, H, W)``.
 
-        ``sampler``: "ddpm" (all T steps) or "ddim" (``steps``, ``eta``). The network runs in eval mode.
+        ``sampler``: "ddpm" (all T steps), "ddim" (``steps``, ``eta``) or "dpm++" (``steps``). The network
+        runs in eval mode. ``generator``: one, or one per sample (a volume then does not depend on its batch).
+        ``window``: latent slices the network sees at once (None: all); a deeper latent is denoised on
+        overlapping depth windows (``overlap`` slices, default half a window) blended at every step, with
+        ``window_batch`` windows per network call (:mod:`medlsdm.diffusion.windows`).
+        Efficiency switches, measured by ``bench/speed.py``: ``cache`` computes the SPADE modulations once per
+        label map (exact); ``precision`` "bf16" runs the network under bf16 autocast, "auto" does so on GPU
+        only, "fp32" never; ``compile`` runs a ``torch.compile`` d U-Net (compiled once per model).
         """
         device = next(self.unet.parameters()).device
         labels_onehot = labels_onehot.to(device)
+        shape = self.latent_shape(labels_onehot)
         chain = make_sampler(sampler, self.schedule, steps, eta, self.objective, self.clip_value if self.clip_sample else None)
+        if precision not in ("auto", "bf16", "fp32"):
+            raise UserError(f"config: sampling precision must be auto, bf16 or fp32, got {precision!r}")
+        bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+        net = self._compiled() if compile else self.unet
+        use_cache = cache and hasattr(self.unet, "condition")
+
+        def branch(labels: torch.Tensor) -> ModelFn:
+            return guided_model_fn(cached_condition(self.unet, net) if use_cache else net, labels, guidance_scale)
+
+        if window is not None and shape[2] > window:
+            windows, f = DepthWindows(shape[2], window, overlap), self.unet.image_down[0]
+            model_fn = windowed_model_fn(windows, lambda starts: branch(torch.cat(
+                [labels_onehot[:, :, s * f:(s + windows.size) * f] for s in starts])), window_batch)
+        else:
+            model_fn = branch(labels_onehot)
+        if bf16:
+            fp32_fn = model_fn
+
+            def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                with torch.autocast(device.type, dtype=torch.bfloat16):
+                    return fp32_fn(x, t)
+
         was_training = self.training
         self.eval()
         try:
-            model_fn = guided_model_fn(self.unet, labels_onehot, guidance_scale)
-            return chain.sample(model_fn, self.latent_shape(labels_onehot), generator, progress, device)
+            return chain.sample(model_fn, shape, generator, progress, device)
         finally:
             self.train(was_training)
+
+    def _compiled(self) -> nn.Module:
+        """``torch.compile(self.unet)``, built once (kept outside the module tree: no extra state-dict keys)."""
+        store = self.__dict__.setdefault("_compiled_unet", {})
+        if "unet" not in store:
+            store["unet"] = torch.compile(self.unet)
+        return store["unet"]

@@ -4,11 +4,18 @@ Encoder: :class:`EncoderResBlock` s (timestep scale/shift, eq. 14) with cross-sl
 attention at ``cfg.attention_levels``. Middle and decoder: :class:`DecoderResBlock` s whose norms are
 SPADE (eq. 15) fed by :class:`SemanticEncoder` features of the matching level, with skip connections
 from the encoder. The label map enters only through SPADE (never concatenated to the input).
+
+``conditioning="concat"`` (the baselines, Med-DDPM / SegGuidedDiff style) is the same network without
+the semantic encoder: the one-hot label map, at the input's resolution, is concatenated to the noisy
+input and the decoder norms are plain GroupNorms; the null condition is an all-zero label block.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -20,10 +27,14 @@ from medlsdm.diffusion.blocks import (
     EncoderResBlock,
     TimestepEmbedding,
     Upsample,
+    level_shapes,
     norm_groups,
     zero_module,
 )
 from medlsdm.diffusion.semantic_encoder import SemanticEncoder
+
+
+CONDITIONING = ("spade", "concat")
 
 
 class SemanticUNet(nn.Module):
@@ -36,6 +47,7 @@ class SemanticUNet(nn.Module):
         num_classes: classes C of the one-hot label map, background included.
         image_down: per-axis factor (D, H, W) between the label map and the latent.
         use_checkpoint: gradient checkpointing of every block while training (``None``: from ``cfg``).
+        conditioning: "spade" (Med-LSDM) or "concat" (label map concatenated to the input, no SPADE).
     """
 
     def __init__(
@@ -45,8 +57,12 @@ class SemanticUNet(nn.Module):
         num_classes: int = 6,
         image_down: tuple[int, int, int] = (4, 4, 4),
         use_checkpoint: bool | None = None,
+        conditioning: str = "spade",
     ) -> None:
         super().__init__()
+        if conditioning not in CONDITIONING:
+            raise ValueError(f"conditioning must be one of {CONDITIONING}, got {conditioning!r}")
+        self.conditioning = conditioning
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.image_down = tuple(image_down)
@@ -56,8 +72,12 @@ class SemanticUNet(nn.Module):
         attn = set(cfg.attention_levels)
 
         self.time_embed = TimestepEmbedding(mc, emb)
-        self.semantic = SemanticEncoder(num_classes, sem, self.image_down, levels)
-        self.input_conv = nn.Conv3d(in_channels, mc, 3, padding=1)
+        if conditioning == "spade":
+            self.semantic = SemanticEncoder(num_classes, sem, self.image_down, levels)
+            self.input_conv = nn.Conv3d(in_channels, mc, 3, padding=1)
+        else:  # concat: no semantic encoder, the label map is extra input channels, decoder norms are plain
+            self.semantic, sem = None, None
+            self.input_conv = nn.Conv3d(in_channels + num_classes, mc, 3, padding=1)
 
         # encoder: per level, res-blocks (+ attention), then a down-sampling except at the deepest level
         self.down_blocks = nn.ModuleList()
@@ -100,6 +120,22 @@ class SemanticUNet(nn.Module):
             nn.GroupNorm(norm_groups(ch), ch), nn.SiLU(), zero_module(nn.Conv3d(ch, in_channels, 3, padding=1))
         )
 
+    def concat_labels(self, labels_onehot: torch.Tensor | None, x: torch.Tensor, drop: torch.Tensor | None) -> torch.Tensor:
+        """Concat mode: the label map (B, C, D, H, W) as input channels (B, C, d, h, w) (class fractions when
+        ``image_down`` > 1); all zeros (the null condition) for ``drop``-ped samples or ``labels_onehot`` None."""
+        b, size = x.shape[0], tuple(x.shape[2:])
+        if labels_onehot is None:
+            return x.new_zeros(b, self.num_classes, *size)
+        expected = (b, self.num_classes, *(s * f for s, f in zip(size, self.image_down)))
+        if tuple(labels_onehot.shape) != expected:
+            raise ValueError(f"label map has shape {tuple(labels_onehot.shape)}, expected one-hot {expected}")
+        labels = labels_onehot.to(x.dtype)
+        if tuple(labels.shape[2:]) != size:
+            labels = F.adaptive_avg_pool3d(labels, size)
+        if drop is not None:
+            labels = labels * (~drop.to(labels.device).bool()).to(labels.dtype).view(-1, 1, 1, 1, 1)
+        return labels
+
     def _run(self, module: nn.Module, *args: torch.Tensor) -> torch.Tensor:
         if self.use_checkpoint and self.training and torch.is_grad_enabled():
             return checkpoint(module, *args, use_reentrant=False)
@@ -111,17 +147,24 @@ class SemanticUNet(nn.Module):
         t: torch.Tensor,
         labels_onehot: torch.Tensor | None,
         drop: torch.Tensor | None = None,
+        cond: list | None = None,
     ) -> torch.Tensor:
         """``x`` (B, in_channels, d, h, w), ``t`` (B,) long or float, ``labels_onehot`` (B, C, D, H, W)
         or ``None`` (null condition for all samples), ``drop`` (B,) bool: use the null condition for
-        these samples. Returns (B, in_channels, d, h, w)."""
+        these samples. ``cond``: :meth:`condition` of these labels (the semantic encoder and the SPADE
+        convolutions are then skipped). Returns (B, in_channels, d, h, w)."""
         b = x.shape[0]
         t = t.expand(b) if t.ndim == 0 else t
         emb = self.time_embed(t.to(x.device))
-        seg = self.semantic(labels_onehot, b, tuple(x.shape[2:]), drop)
-        seg = [s.to(x.dtype) for s in seg]
-
-        h = self.input_conv(x)
+        if self.semantic is None:  # concat conditioning
+            seg: list = [None] * len(self.up_blocks)
+            h = self.input_conv(torch.cat([x, self.concat_labels(labels_onehot, x, drop)], dim=1))
+        elif cond is not None:  # cached SPADE modulations, one entry per decoder block
+            seg, h = None, self.input_conv(x)
+        else:
+            seg = self.semantic(labels_onehot, b, tuple(x.shape[2:]), drop)
+            seg = [s.to(x.dtype) for s in seg]
+            h = self.input_conv(x)
         hs = [h]
         for level, (blocks, attns) in enumerate(zip(self.down_blocks, self.down_attn)):
             for block, attn in zip(blocks, attns):
@@ -131,15 +174,55 @@ class SemanticUNet(nn.Module):
                 h = self._run(self.downsamples[level], h)
                 hs.append(h)
 
-        h = self._run(self.mid_block1, h, emb, seg[-1])
+        cached = iter(cond) if seg is None else None  # cond holds the decoder blocks' entries in call order
+
+        def seg_for(block: nn.Module, level: int):
+            return next(cached) if cached is not None else seg[level]
+
+        h = self._run(self.mid_block1, h, emb, seg_for(self.mid_block1, -1))
         h = self._run(self.mid_attn, h)
-        h = self._run(self.mid_block2, h, emb, seg[-1])
+        h = self._run(self.mid_block2, h, emb, seg_for(self.mid_block2, -1))
 
         levels = len(self.up_blocks)
         for i, (blocks, attns) in enumerate(zip(self.up_blocks, self.up_attn)):
             level = levels - 1 - i
             for block, attn in zip(blocks, attns):
-                h = self._run(attn, self._run(block, torch.cat([h, hs.pop()], dim=1), emb, seg[level]))
+                h = self._run(attn, self._run(block, torch.cat([h, hs.pop()], dim=1), emb, seg_for(block, level)))
             if level > 0:
                 h = self.upsamples[i](h, tuple(hs[-1].shape[2:]))
         return self.out(h)
+
+    def condition(self, labels_onehot: torch.Tensor | None, batch: int, latent_shape: tuple[int, int, int],
+                  drop: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> list | None:
+        """The SPADE modulations ``(1 + gamma, beta)`` of every decoder block for one batch of label maps
+        (B, C, D, H, W) (or None: the null condition) at latent ``(d, h, w)``, to pass as ``forward(cond=)``.
+        They depend on the label map only, never on ``x_t`` or ``t``, so reusing them at every sampling
+        step gives exactly the same outputs. None in concat mode (nothing to cache)."""
+        if self.semantic is None:
+            return None
+        seg = [s.to(dtype) for s in self.semantic(labels_onehot, batch, tuple(latent_shape), drop)]
+        shapes = level_shapes(tuple(latent_shape), len(seg))
+        blocks = [(self.mid_block1, len(seg) - 1), (self.mid_block2, len(seg) - 1)]
+        blocks += [(block, len(seg) - 1 - i) for i, up in enumerate(self.up_blocks) for block in up]
+        return [block.modulations(seg[level], shapes[level]) for block, level in blocks]
+
+
+def cached_condition(unet: SemanticUNet, net: Callable | None = None) -> Callable[..., torch.Tensor]:
+    """``f(x, t, labels_onehot, drop=None)`` returning what ``unet(x, t, labels_onehot, drop)`` returns, but
+    computing each label map's :meth:`SemanticUNet.condition` only at its first call and reusing it after
+    (keyed by the identity of the label and drop tensors, which are kept alive, and by batch, latent shape,
+    dtype and autocast state). ``net`` runs the network (e.g. a ``torch.compile`` d ``unet``; default ``unet``)."""
+    net = unet if net is None else net
+    store: dict[tuple, tuple] = {}
+
+    def forward(x: torch.Tensor, t: torch.Tensor, labels_onehot: torch.Tensor | None,
+                drop: torch.Tensor | None = None) -> torch.Tensor:
+        if unet.semantic is None:
+            return net(x, t, labels_onehot, drop)
+        key = (id(labels_onehot), id(drop), x.shape[0], tuple(x.shape[2:]), x.dtype,
+               torch.is_autocast_enabled(x.device.type))
+        if key not in store:
+            store[key] = (labels_onehot, drop, unet.condition(labels_onehot, x.shape[0], tuple(x.shape[2:]), drop, x.dtype))
+        return net(x, t, labels_onehot, drop, cond=store[key][2])
+
+    return forward

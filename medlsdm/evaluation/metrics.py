@@ -188,6 +188,30 @@ def inter_slice_consistency(real_volumes: Volumes, synthetic_volumes: Volumes) -
     }
 
 
+def seam_ratio(volume: torch.Tensor, borders: Sequence[int], period: int = 1) -> float:
+    """Seam metric of a volume generated in depth windows: mean |x[b] - x[b - 1]| over the window
+    ``borders`` b (slice indices, e.g. ``DepthWindows.borders(scale)``) divided by the mean adjacent-slice
+    difference everywhere else; ~1 means no visible seam (target <= 1.1), > 1 a discontinuity.
+
+    ``volume``: (D, H, W) (or (1, D, H, W)). ``period`` > 1 compares only with the pairs at the same phase
+    as the borders (``d % period == borders[0] % period``), e.g. the VQ-GAN's depth factor, since every
+    window border falls between two latent slices.
+    """
+    x = torch.as_tensor(volume).double().reshape(-1, *torch.as_tensor(volume).shape[-2:])
+    diffs = (x[1:] - x[:-1]).abs().mean(dim=(1, 2))  # diffs[d - 1] = |x[d] - x[d - 1]|
+    at = sorted({int(b) for b in borders})
+    if not at or at[0] < 1 or at[-1] >= x.shape[0]:
+        raise ValueError(f"borders must be slice indices in [1, {x.shape[0] - 1}], got {list(borders)}")
+    inside = torch.ones(len(diffs), dtype=torch.bool)
+    inside[[b - 1 for b in at]] = False
+    if period > 1:
+        phase = torch.arange(1, x.shape[0]) % period == at[0] % period
+        inside &= phase
+    if not bool(inside.any()):
+        raise ValueError("no adjacent-slice pairs inside the windows to compare the borders with")
+    return float(diffs[[b - 1 for b in at]].mean() / diffs[inside].mean().clamp_min(1e-12))
+
+
 def class_medians(volume: torch.Tensor, label: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Median intensity of each class of ``label`` (D, H, W) in ``volume`` (D, H, W); NaN where absent."""
     v, lab = volume.flatten().float(), label.flatten().long()

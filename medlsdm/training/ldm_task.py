@@ -3,13 +3,15 @@
 Batches are either cached latents (``{"latent", "label"}`` from ``medlsdm encode``) or images that
 are encoded on the fly by the frozen VQ-GAN (``{"image", "label"}``). Latents are min-max
 normalised with the codebook range; the label map enters at full resolution as one-hot.
+For the baselines (``ldm.method`` slice2d / pixel3d) there is no VQ-GAN: ``vqgan`` and ``normalizer`` are
+None and the images ``{"image", "label"}`` themselves are the diffusion model's data.
 """
 
 from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import torch
 from torch import nn
@@ -17,7 +19,6 @@ from torch import nn
 from medlsdm.autoencoder.normalize import LatentNormalizer
 from medlsdm.config import Config, TrainConfig
 from medlsdm.data.transforms import one_hot
-from medlsdm.diffusion.model import LatentDiffusion
 from medlsdm.pipeline import SynthesisPipeline, build_diffusion
 from medlsdm.training.engine import Task
 
@@ -25,8 +26,9 @@ from medlsdm.training.engine import Task
 class LDMTask(Task):
     name = "ldm"
 
-    def __init__(self, cfg: Config, vqgan: nn.Module, normalizer: LatentNormalizer) -> None:
-        self.cfg, self.vqgan, self.normalizer = cfg, vqgan.eval().requires_grad_(False), normalizer
+    def __init__(self, cfg: Config, vqgan: Optional[nn.Module], normalizer: Optional[LatentNormalizer]) -> None:
+        self.cfg, self.normalizer = cfg, normalizer
+        self.vqgan = vqgan.eval().requires_grad_(False) if vqgan is not None else None
         self.diffusion = build_diffusion(cfg)
         self.unet = self.diffusion.unet
         self.unet_ema = copy.deepcopy(self.unet).requires_grad_(False)
@@ -38,15 +40,17 @@ class LDMTask(Task):
         return {"unet": self.unet}
 
     def configure(self, device: torch.device, wrapped: Mapping[str, nn.Module], train: TrainConfig) -> dict[str, torch.optim.Optimizer]:
-        self.vqgan.to(device)
-        d = self.diffusion
+        if self.vqgan is not None:
+            self.vqgan.to(device)
         # the same objective over the (possibly DDP-wrapped) U-Net
-        self.train_view = LatentDiffusion(wrapped["unet"], d.schedule, d.objective, d.loss, d.cond_drop_prob, d.clip_sample)
+        self.train_view = self.diffusion.view(wrapped["unet"])
         return {"unet": torch.optim.Adam(self.unet.parameters(), lr=train.lr, betas=train.betas)}
 
     @torch.no_grad()
     def latents(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Normalised latents (B, E, d, h, w) of a batch (cached, or encoded now)."""
+        """Normalised latents (B, E, d, h, w) of a batch (cached, or encoded now); a baseline's images."""
+        if self.vqgan is None:
+            return batch["image"].float()
         z = batch["latent"] if "latent" in batch else self.vqgan.encode(batch["image"])
         return self.normalizer.normalize(z.float())
 
@@ -70,8 +74,7 @@ class LDMTask(Task):
         from medlsdm.viz import save_preview
 
         device = next(self.unet_ema.parameters()).device
-        ema = LatentDiffusion(self.unet_ema, self.diffusion.schedule, self.diffusion.objective, self.diffusion.loss,
-                              0.0, self.diffusion.clip_sample)
+        ema = self.diffusion.view(self.unet_ema, cond_drop_prob=0.0)
         g = torch.Generator(device).manual_seed(1234)
         losses, first = [], None
         for batch in loader:
@@ -87,6 +90,7 @@ class LDMTask(Task):
             views = {"synthetic": vol[0, 0].cpu().numpy()}
             if "image" in first:
                 views = {"real": first["image"][0, 0].cpu().numpy(), **views}
+            name = "LDM" if self.vqgan is not None else self.cfg.ldm.method
             save_preview(run_dir / "previews" / f"step_{step:07d}.png", views,
-                         labels=first["label"][0, 0].cpu().numpy(), title=f"LDM step {step} (DDIM, EMA)")
+                         labels=first["label"][0, 0].cpu().numpy(), title=f"{name} step {step} (DDIM, EMA)")
         return metrics

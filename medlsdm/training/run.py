@@ -92,16 +92,29 @@ def train_vqgan(data: Path, config: Optional[str | Path], out: Path, layout: str
     return out
 
 
-def train_ldm(vqgan_dir: Path, data: Path, config: Optional[str | Path], out: Path, layout: str = "auto",
+def train_ldm(vqgan_dir: Optional[Path], data: Path, config: Optional[str | Path], out: Path, layout: str = "auto",
               label_dir: Optional[Path] = None, max_steps: Optional[int] = None, resume: bool = False,
               device: str = "auto", seed: Optional[int] = None, progress: bool = True,
-              max_minutes: Optional[float] = None) -> Path:
-    """Train the latent semantic diffusion model on ``data`` (a latents folder or image/label pairs)."""
+              max_minutes: Optional[float] = None, method: Optional[str] = None) -> Path:
+    """Train the latent semantic diffusion model on ``data`` (a latents folder or image/label pairs).
+
+    ``method`` slice2d / pixel3d (or no ``vqgan_dir``) trains a baseline instead: see
+    :func:`medlsdm.training.baseline_task.train_baseline`.
+    """
     from medlsdm.training.ldm_task import LDMTask
 
+    if method not in (None, "lsdm") or vqgan_dir is None:
+        from medlsdm.training.baseline_task import train_baseline
+
+        return train_baseline(data, config, out, method, layout, label_dir, max_steps, resume, device, seed,
+                              progress, max_minutes)
     out = Path(out)
     vq_cfg = run_config(vqgan_dir)
     cfg = _resolve(config if config is not None else Path(vqgan_dir) / "config.yaml", out, resume, seed)
+    if method is None and cfg.ldm.method != "lsdm":
+        raise UserError(f"config: ldm.method is '{cfg.ldm.method}', a baseline that trains without --vqgan "
+                        "(drop --vqgan, or pass --method lsdm)")
+    cfg.ldm.method = "lsdm"
     # the VQ-GAN fixes image preprocessing and the autoencoder; the LDM config keeps its label settings
     cfg.vqgan = vq_cfg.vqgan
     cfg.data = dataclasses.replace(vq_cfg.data, num_classes=cfg.data.num_classes, label_remap=cfg.data.label_remap,

@@ -23,9 +23,18 @@ ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def randn(
-    shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device, dtype: torch.dtype
+    shape: tuple[int, ...], generator: torch.Generator | list[torch.Generator] | None, device: torch.device,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
-    """Standard normal noise drawn on the generator's device (CPU if none), returned on ``device``."""
+    """Standard normal noise drawn on the generator's device (CPU if none), returned on ``device``.
+
+    A list of B generators (one per sample of a batch of B) draws each sample's noise from its own
+    generator, so a volume is the same whether it is sampled alone or in a batch.
+    """
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+        return torch.cat([randn((1, *shape[1:]), g, device, dtype) for g in generator])
     src = generator.device if generator is not None else torch.device("cpu")
     return torch.randn(shape, generator=generator, device=src, dtype=dtype).to(device)
 

@@ -1,0 +1,65 @@
+"""Training entry for the baselines (``medlsdm train-ldm --method slice2d|pixel3d``).
+
+The baselines need no VQ-GAN: the shared :class:`~medlsdm.training.ldm_task.LDMTask` runs with
+``vqgan=None`` on the preprocessed images ``{"image" (1, D, H, W) in [-1, 1], "label"}`` of an
+image/label data set, with the same trainer (DDP, EMA, checkpoints, resume) as Med-LSDM.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from medlsdm.diffusion.baselines import check_method, is_baseline
+from medlsdm.errors import UserError
+from medlsdm.training.distributed import cleanup_distributed, init_distributed
+from medlsdm.training.engine import Trainer
+from medlsdm.training.latents import is_latents_dir
+
+
+def train_baseline(data: Path, config: Optional[str | Path], out: Path, method: Optional[str] = None,
+                   layout: str = "auto", label_dir: Optional[Path] = None, max_steps: Optional[int] = None,
+                   resume: bool = False, device: str = "auto", seed: Optional[int] = None, progress: bool = True,
+                   max_minutes: Optional[float] = None) -> Path:
+    """Train the ``slice2d`` or ``pixel3d`` baseline on the image/label pairs of ``data`` into run folder ``out``.
+
+    ``config`` defaults to the ``tiny`` preset; ``method`` overrides its ``ldm.method`` (a resumed run keeps
+    its own). Method ``lsdm`` is refused here: it needs a VQ-GAN (``train_ldm`` with ``vqgan_dir``).
+    """
+    from medlsdm.training.ldm_task import LDMTask
+    from medlsdm.training.run import _image_split, _resolve, _write_run_info
+
+    out = Path(out)
+    if method is not None:
+        check_method(method)
+    cfg = _resolve(config if config is not None else "tiny", out, resume, seed)
+    if method is not None:
+        if resume and (out / "config.yaml").is_file() and method != cfg.ldm.method:
+            raise UserError(f"{out}: this run was trained with method '{cfg.ldm.method}', not '{method}'")
+        cfg.ldm.method = method
+    if not is_baseline(cfg):
+        raise UserError("train-ldm: --vqgan is required for method lsdm (only the baselines slice2d and pixel3d "
+                        "train without a VQ-GAN)")
+    if is_latents_dir(data):
+        raise UserError(f"{data}: a latents folder; the {cfg.ldm.method} baseline trains on images, give the "
+                        "image/label data set")
+    if max_steps is not None:
+        cfg.train_ldm.max_steps = max_steps
+    dist = init_distributed(device)
+    try:
+        train_set, val_set = _image_split(data, cfg, layout, label_dir, labels=True, out=out,
+                                          val_fraction=cfg.train_ldm.val_fraction)
+        torch.manual_seed(cfg.seed)
+        task = LDMTask(cfg, None, None)
+        if dist.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            _write_run_info(out, dist, stage="ldm", method=cfg.ldm.method, train_cases=len(train_set),
+                            val_cases=len(val_set or []))
+        dist.barrier()
+        Trainer(task, cfg, cfg.train_ldm, out, train_set, val_set, dist, progress).fit(
+            resume=resume, max_seconds=None if max_minutes is None else 60 * max_minutes)
+    finally:
+        cleanup_distributed()
+    return out
