@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from medlsdm.errors import UserError
 from medlsdm.evaluation.metrics import (
+    class_intensity_error,
     frechet_distance,
     frechet_from_features,
     inter_slice_consistency,
@@ -140,3 +141,23 @@ def test_wasserstein_1d_known_values():
     assert wasserstein_1d(torch.tensor([0.0]), torch.tensor([0.0, 1.0])) == pytest.approx(0.5)
     u = torch.randn(50, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
     assert wasserstein_1d(u, u + 0.7) == pytest.approx(0.7, rel=1e-9)
+
+
+def test_label_following_separates_a_label_following_model_from_one_that_ignores_labels():
+    from medlsdm.data.phantom import generate_phantom
+    from medlsdm.evaluation.metrics import label_following
+
+    cases = [generate_phantom(s, (8, 32, 32)) for s in range(4)]
+    real = [torch.from_numpy(im).clamp(-1000, 1000) / 1000 for im, _ in cases]
+    labels = [torch.from_numpy(lb).long() for _, lb in cases]
+    perfect = label_following(real, real, labels, 6)  # "synthetic" = the real volume of each label map
+    assert perfect["matched"] == 0 and perfect["overall"] == 0
+    # on all voxels another subject's volume scores almost as well (the anatomies overlap); where the
+    # label maps disagree it is clearly worse: that is what makes the control discriminative
+    whole = sum(class_intensity_error(real[(i + 1) % 4], real[i], labels[i], 6) for i in range(4)) / 4
+    assert perfect["mismatched"] > 0.2 and perfect["mismatched"] > 3 * whole
+    same = [real[0]] * 4  # one volume whatever the label map: no label following
+    ignoring = label_following(same, real, labels, 6)
+    assert ignoring["matched"] == pytest.approx(ignoring["mismatched"])
+    with pytest.raises(ValueError):
+        label_following(real[:1], real[:1], labels[:1], 6)

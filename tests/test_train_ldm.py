@@ -124,3 +124,47 @@ def test_two_process_ddp_ldm(tmp_path: Path, runs: dict[str, Path], micro_config
     assert proc.returncode == 0, proc.stderr[-3000:]
     check = json.loads((run / "ddp_check.json").read_text())
     assert check["world_size"] == 2 and check["identical"]
+
+
+def test_full_length_label_map_is_one_volume_with_its_geometry(tmp_path: Path, runs: dict[str, Path],
+                                                                   phantoms: Path) -> None:
+    """A label map 4x deeper than the training shape is generated as one volume (depth windows) with the
+    label map's exact shape and affine."""
+    from medlsdm.data.phantom import generate_phantom, phantom_affine, phantom_spacing
+
+    _, lab = generate_phantom(7, (32, 32, 32))
+    path = tmp_path / "long.nii.gz"
+    nib.save(nib.Nifti1Image(lab.transpose(2, 1, 0), phantom_affine(phantom_spacing(7, (32, 32, 32)), (32, 32, 32))),
+             str(path))
+    out = tmp_path / "syn"
+    assert main(["sample", "--model", str(runs["ldm"]), "--labels", str(path), "--out", str(out), "--steps", "2",
+                 "--device", "cpu"]) == 0
+    img, ref = nib.load(str(out / "long_s0.nii.gz")), nib.load(str(path))
+    assert img.shape == ref.shape == (32, 32, 32) and np.allclose(img.affine, ref.affine)
+    assert np.isfinite(img.get_fdata()).all()
+
+
+@pytest.mark.slow
+def test_two_process_sampling_splits_the_label_maps(tmp_path: Path, runs: dict[str, Path], phantoms: Path) -> None:
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    src = sorted((phantoms / "labelsTs").glob("*.nii.gz"))[0]
+    for k in range(3):
+        (labels / f"case{k}.nii.gz").write_bytes(src.read_bytes())
+    out = tmp_path / "syn"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29521",
+           "-m", "medlsdm", "sample", "--model", str(runs["ldm"]), "--labels", str(labels), "--out", str(out),
+           "--n-per-label", "2", "--steps", "2", "--device", "cpu"]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    said = [line for line in proc.stdout.splitlines() if line.startswith("wrote")]
+    counts = sorted(int(line.split()[1]) for line in said)
+    assert counts == [3, 3]  # 6 jobs, 3 per rank: nothing twice, nothing left out
+    names = sorted(p.name for p in out.glob("*.nii.gz"))
+    assert names == sorted(f"case{k}_s{s}.nii.gz" for k in range(3) for s in range(2))
+    # each volume is what a single process makes for it (per-volume seeds, whichever rank made it)
+    single = tmp_path / "single"
+    assert main(["sample", "--model", str(runs["ldm"]), "--labels", str(labels), "--out", str(single),
+                 "--n-per-label", "2", "--steps", "2", "--device", "cpu"]) == 0
+    for name in names:
+        assert np.array_equal(nib.load(str(out / name)).get_fdata(), nib.load(str(single / name)).get_fdata())

@@ -220,11 +220,49 @@ def class_medians(volume: torch.Tensor, label: torch.Tensor, num_classes: int) -
 
 
 def class_intensity_error(synthetic: torch.Tensor, real: torch.Tensor, label: torch.Tensor,
-                          num_classes: int) -> float:
+                          num_classes: int, region: Optional[torch.Tensor] = None, min_voxels: int = 20) -> float:
     """Label-following score: mean over the classes present of |median_syn - median_real| divided by the
     spread (std) of the real class medians, i.e. 0 = every class has its real intensity, ~1 = errors as
-    large as the differences between classes. Medians are taken inside ``label``'s masks in both volumes."""
+    large as the differences between classes. Medians are taken inside ``label``'s masks in both volumes.
+
+    ``region`` (bool, (D, H, W)): take the medians only inside ``label``'s masks within it (classes with fewer
+    than ``min_voxels`` voxels there are skipped); the spread stays that of the whole label map, so scores
+    with and without a region share one unit. NaN when no class is left."""
+    spread_medians = class_medians(real, label, num_classes)
+    spread = spread_medians[~torch.isnan(spread_medians)].std().clamp_min(1e-6)
+    if region is not None:
+        label = torch.where(region.reshape(label.shape).bool(), label.long(), torch.full_like(label.long(), -1))
+    counts = torch.bincount(label.flatten().long().clamp_min(-1) + 1, minlength=num_classes + 1)[1:]
     ms, mr = class_medians(synthetic, label, num_classes), class_medians(real, label, num_classes)
-    present = ~torch.isnan(mr)
-    spread = mr[present].std().clamp_min(1e-6)
+    present = ~torch.isnan(mr) & (counts >= (min_voxels if region is not None else 1))
+    if not bool(present.any()):
+        return float("nan")
     return float(((ms[present] - mr[present]).abs() / spread).mean())
+
+
+def label_following(synthetic: Sequence[torch.Tensor], real: Sequence[torch.Tensor], labels: Sequence[torch.Tensor],
+                    num_classes: int) -> dict[str, float]:
+    """Does each synthetic volume follow *its* label map? ``synthetic[i]`` was generated from ``labels[i]``,
+    ``real[i]`` is the real volume of that label map; all (D, H, W).
+
+    For each case i and the next case j, only the voxels where the two label maps *disagree* are scored
+    (elsewhere any volume of the right anatomy would match): ``matched`` is the class error of synthetic i
+    against real i there, ``mismatched`` that of synthetic j (made for the other label map) against real i
+    there. A model that ignores its label map scores the same on both; one that follows it is far better
+    on ``matched``. ``overall`` is the plain class error of synthetic i against real i on all voxels."""
+    n = len(synthetic)
+    if n < 2:
+        raise ValueError("label_following needs at least two cases")
+    overall, matched, mismatched = [], [], []
+    for i in range(n):
+        j = (i + 1) % n
+        region = labels[i] != labels[j]
+        overall.append(class_intensity_error(synthetic[i], real[i], labels[i], num_classes))
+        matched.append(class_intensity_error(synthetic[i], real[i], labels[i], num_classes, region))
+        mismatched.append(class_intensity_error(synthetic[j], real[i], labels[i], num_classes, region))
+
+    def mean(values: list[float]) -> float:
+        kept = [v for v in values if v == v]
+        return sum(kept) / len(kept) if kept else float("nan")
+
+    return {"overall": mean(overall), "matched": mean(matched), "mismatched": mean(mismatched)}
