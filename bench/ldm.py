@@ -3,13 +3,15 @@
 Uses the VQ-GAN trained by ``bench/vqgan.py`` (its training time counts towards the budget), encodes
 the phantom set, trains the ``tiny`` LDM for the remaining budget, then generates one volume per
 held-out label map and records in BENCHMARKS.md:
-- per-class intensity error (|median synthetic - median real| per class / spread of the real class
-  medians) for matched pairs and for a control pairing each synthetic volume with a *different* label
-  map (and that map's real volume): a model that follows its label map is much better on matched pairs;
+- label following (:func:`medlsdm.evaluation.metrics.label_following`): per-class intensity error
+  (|median synthetic - median real| per class / spread of the real class medians) on all voxels, and,
+  where a label map and the next case's disagree, for matched pairs against the control that scores
+  the volume made for the *other* label map: a model that follows its label map is much better matched;
 - SSIM / PSNR to the real volume of the same label map;
-- seconds per volume and the error reached for DDPM-1000, DDIM-50 and DDIM-25.
+- quality vs sampling steps for DDIM and DPM-Solver++ (10, 25, 50, 100) and DDPM-1000, with seconds per
+  volume, and the same for guidance scale 1.5 (the authors' code).
 
-    python bench/ldm.py --minutes 10 --ddpm-cases 3 [--latent-norm standardize]
+    python bench/ldm.py --minutes 15 --ddpm-cases 4 [--latent-norm standardize] [--objective eps]
 """
 
 from __future__ import annotations
@@ -25,44 +27,49 @@ from medlsdm.config import load_config
 from medlsdm.runs import latest_step
 from medlsdm.data.layouts import find_cases
 from medlsdm.data.transforms import load_case
-from medlsdm.evaluation.metrics import class_intensity_error, psnr, ssim
+from medlsdm.evaluation.metrics import label_following, psnr, ssim
 from medlsdm.pipeline import SynthesisPipeline
 from medlsdm.training.latents import encode_dataset, is_latents_dir
 from medlsdm.training.run import train_ldm
 from vqgan import phantoms
 
 
-def score(pipe, cases, sampler: str, steps: int, num_classes: int) -> dict:
+def score(pipe, cases, sampler: str, steps: int, num_classes: int, guidance: float = 1.0) -> dict:
     synth, times = [], []
     for i, (real, label) in enumerate(cases):
         g = torch.Generator().manual_seed(1000 + i)
         t0 = time.perf_counter()
-        vol = pipe.generate(label[None], sampler=sampler, steps=steps, generator=g)[0, 0]
+        vol = pipe.generate(label[None], sampler=sampler, steps=steps, guidance=guidance, generator=g)[0, 0]
         times.append(time.perf_counter() - t0)
         synth.append(vol)
     n = len(cases)
-    matched = [class_intensity_error(synth[i], cases[i][0][0], cases[i][1][0], num_classes) for i in range(n)]
-    shifted = [class_intensity_error(synth[i], cases[(i + 1) % n][0][0], cases[(i + 1) % n][1][0], num_classes)
-               for i in range(n)]
+    follow = label_following(synth, [c[0][0] for c in cases], [c[1][0] for c in cases], num_classes)
     reals = torch.stack([c[0] for c in cases])
-    return {"sampler": f"{sampler.upper()}-{steps}", "cases": n, "seconds_per_volume": sum(times) / n,
-            "matched_error": sum(matched) / n, "mismatched_error": sum(shifted) / n,
+    name = f"{sampler.upper()}-{steps if sampler != 'ddpm' else pipe.diffusion.schedule.num_timesteps}"
+    return {"sampler": name, "guidance": guidance, "cases": n, "seconds_per_volume": sum(times) / n,
+            "overall_error": follow["overall"], "matched_error": follow["matched"],
+            "mismatched_error": follow["mismatched"],
             "ssim": ssim(torch.stack(synth)[:, None], reals), "psnr": psnr(torch.stack(synth)[:, None], reals)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--minutes", type=float, default=12.0, help="LDM training wall-time budget")
+    ap.add_argument("--minutes", type=float, default=15.0, help="LDM training wall-time budget")
     ap.add_argument("--cases", type=int, default=60, help="phantom set size (must match bench/vqgan.py)")
     ap.add_argument("--ddpm-cases", type=int, default=4, help="held-out label maps sampled with DDPM-1000")
-    ap.add_argument("--latent-norm", choices=["codebook", "standardize"], default="codebook",
-                    help="latent normalisation (codebook: the paper's and the default)")
+    ap.add_argument("--latent-norm", choices=["codebook", "standardize"], default=None,
+                    help="latent normalisation (default: the tiny preset's)")
+    ap.add_argument("--objective", choices=["eps", "x0", "v"], default=None,
+                    help="diffusion objective (default: the tiny preset's)")
     args = ap.parse_args()
-    cfg = load_config("tiny", {"ldm": {"latent_norm": args.latent_norm}})
+    overrides = {k: v for k, v in (("latent_norm", args.latent_norm), ("objective", args.objective)) if v}
+    cfg = load_config("tiny", {"ldm": overrides})
+    tag = f"{cfg.ldm.objective}-{cfg.ldm.latent_norm}"
     data = phantoms(args.cases, cfg.data.shape)
-    vq_run, lat, run = WORK / "vqgan", WORK / "latents", WORK / f"ldm_{args.latent_norm}"
-    config = WORK / f"ldm_{args.latent_norm}.yaml"
-    config.write_text(f"base: tiny\nldm:\n  latent_norm: {args.latent_norm}\n")
+    vq_run, lat, run = WORK / "vqgan", WORK / "latents", WORK / f"ldm_{tag}"
+    config = WORK / f"ldm_{tag}.yaml"
+    config.write_text("base: tiny\nldm:\n" + "".join(f"  {k}: {v}\n" for k, v in overrides.items()) if overrides
+                      else "base: tiny\n")
     vq_info = json.loads((WORK / "vqgan_bench.json").read_text())  # run bench/vqgan.py first
     if not is_latents_dir(lat):
         encode_dataset(vq_run, data, lat, device="cpu")
@@ -76,37 +83,52 @@ def main() -> None:
     for case in find_cases(data, split="test"):
         item = load_case(case, pipe.cfg.data)
         cases.append((item["image"], item["label"]))
-    rows = [score(pipe, cases, "ddim", 25, cfg.data.num_classes), score(pipe, cases, "ddim", 50, cfg.data.num_classes)]
+    k = cfg.data.num_classes
+    rows = [score(pipe, cases, name, steps_, k) for name in ("ddim", "dpm++") for steps_ in (10, 25, 50, 100)]
+    rows.append(score(pipe, cases, "ddim", 50, k, guidance=1.5))
     sub = cases[: args.ddpm_cases]
-    rows_sub = [score(pipe, sub, "ddpm", 1000, cfg.data.num_classes), score(pipe, sub, "ddim", 50, cfg.data.num_classes)]
-    result = {"ldm_steps": steps, "ldm_train_seconds": round(train_s, 1), "vqgan_train_seconds": vq_info["train_seconds"],
+    rows_sub = [score(pipe, sub, "ddpm", 1000, k), score(pipe, sub, "ddim", 50, k), score(pipe, sub, "dpm++", 25, k)]
+    reals, maps = [c[0][0] for c in cases], [c[1][0] for c in cases]
+    real_control = label_following(reals, reals, maps, k)["mismatched"]  # the control's value for a perfect model
+    result = {"real_mismatched": real_control, "ldm_steps": steps, "ldm_train_seconds": round(train_s, 1), "vqgan_train_seconds": vq_info["train_seconds"],
               "all_cases": rows, "ddpm_subset": rows_sub, "peak_rss_gib": round(peak_rss_gib(), 2)}
-    (WORK / f"ldm_{args.latent_norm}_bench.json").write_text(json.dumps(result, indent=2))
+    (WORK / f"ldm_{tag}_bench.json").write_text(json.dumps(result, indent=2))
 
     def line(r: dict) -> str:
-        return (f"| {r['sampler']} | {r['cases']} | {r['matched_error']:.3f} | {r['mismatched_error']:.3f} | "
-                f"{r['ssim']:.3f} | {r['psnr']:.2f} | {r['seconds_per_volume']:.2f} |")
+        return (f"| {r['sampler']} | {r['guidance']:g} | {r['cases']} | {r['overall_error']:.3f} | "
+                f"{r['matched_error']:.3f} | {r['mismatched_error']:.3f} | {r['ssim']:.3f} | {r['psnr']:.2f} | "
+                f"{r['seconds_per_volume']:.2f} |")
 
-    ddpm, ddim = rows_sub
+    ddpm, ddim, dpm = rows_sub
     total_min = (vq_info["train_seconds"] + train_s) / 60
+
+    def versus(r: dict) -> str:
+        rel = (r["overall_error"] - ddpm["overall_error"]) / max(ddpm["overall_error"], 1e-9) * 100
+        return (f"{r['sampler']} class error {r['overall_error']:.3f} vs DDPM-1000 {ddpm['overall_error']:.3f} "
+                f"({rel:+.0f}%), PSNR {r['psnr']:.2f} vs {ddpm['psnr']:.2f} dB, "
+                f"{ddpm['seconds_per_volume'] / r['seconds_per_volume']:.0f}x less sampling time")
+
     md = "\n".join([
-        f"## Latent semantic diffusion (stage 2), `tiny` preset on CPU, latent_norm = {args.latent_norm}", "",
+        f"## Latent semantic diffusion (stage 2), `tiny` preset on CPU, objective = {cfg.ldm.objective}, "
+        f"latent_norm = {cfg.ldm.latent_norm}", "",
         header(command_line()),
         f"VQ-GAN from `bench/vqgan.py` ({vq_info['steps']} steps, {vq_info['train_seconds'] / 60:.1f} min); LDM "
         f"{steps} steps of batch {cfg.train_ldm.batch_size} in {train_s / 60:.1f} min (total training "
-        f"{total_min:.1f} min). Cosine schedule, T = {cfg.ldm.num_timesteps}, eps objective, L2 loss, EMA weights, "
-        f"guidance scale {cfg.ldm.guidance_scale:g}. One volume per held-out phantom label map.", "",
+        f"{total_min:.1f} min). Cosine schedule, T = {cfg.ldm.num_timesteps}, {cfg.ldm.objective} objective, "
+        f"{cfg.ldm.loss.upper()} loss, EMA weights. One volume per held-out phantom label map.", "",
         "Class error = mean over classes of |median synthetic - median real| / std of the real class medians "
-        "(lower is better). *Mismatched* pairs each synthetic volume with the next case's label map and real volume: "
-        "the control that shows whether the label map is followed.", "",
-        "| sampler | label maps | class error, matched | class error, mismatched | SSIM | PSNR (dB) | s / volume |",
-        "|---|---|---|---|---|---|---|", *[line(r) for r in rows], *[line(r) for r in rows_sub], "",
-        f"DDIM-50 vs DDPM-1000 on the same {len(sub)} label maps: matched class error {ddim['matched_error']:.3f} vs "
-        f"{ddpm['matched_error']:.3f}, {ddpm['seconds_per_volume'] / ddim['seconds_per_volume']:.1f}x less sampling time. "
-        f"Peak memory (RSS): {result['peak_rss_gib']} GiB.", "",
+        "(lower is better), on all voxels (*overall*) and on the voxels where a label map and the next case's "
+        "disagree: *matched* scores the volume made for this label map, *mismatched* the volume made for the other "
+        "one. A model that ignores its label map scores the same on both; the real volumes themselves score "
+        f"0 matched and {real_control:.3f} mismatched.", "",
+        "| sampler | guidance | label maps | class error, overall | matched (where maps differ) | mismatched "
+        "(control) | SSIM | PSNR (dB) | s / volume |",
+        "|---|---|---|---|---|---|---|---|---|", *[line(r) for r in rows], *[line(r) for r in rows_sub], "",
+        f"On the same {len(sub)} label maps: {versus(ddim)}; {versus(dpm)}. Peak memory (RSS): "
+        f"{result['peak_rss_gib']} GiB.", "",
         "Paper size on a GPU: not measured, this issue had no GPU.",
     ])
-    write_section(f"ldm-{args.latent_norm}", md)
+    write_section(f"ldm-{tag}", md)
     print(md)
 
 
