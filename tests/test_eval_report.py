@@ -80,6 +80,13 @@ def test_evaluate_writes_metrics_and_report(data, cfg, tmp_path):
                  "privacy_closest_pairs.png"):
         assert f"figures/{name}" in linked and (out / "figures" / name).stat().st_size > 1000
     assert "Dice protocol" in report and "Privacy audit" in report and "**no**" in report
+    # a saved segmenter is reused (no retraining) and gives the same domain FID and Dice
+    again = evaluate(data, syn, tmp_path / "again", train=data, features="domain", lpips=False, privacy=False,
+                     feature_weights=str(out / "segmenter.safetensors"), cfg=cfg, progress=False)
+    assert again["dice"]["segmenter"]["sha256"] == m["dice"]["segmenter"]["sha256"]
+    assert again["fid"]["domain"]["3d"] == pytest.approx(m["fid"]["domain"]["3d"], rel=1e-5)
+    assert not (tmp_path / "again" / "segmenter.safetensors").exists()
+    assert "loaded from" in (tmp_path / "again" / "report.md").read_text()
 
 
 def test_evaluate_without_training_set(data, cfg, tmp_path):

@@ -215,9 +215,11 @@ def _dice_section(dice: dict) -> list[str]:
            "Dice is averaged over the foreground classes (background excluded).", "",
            *_table(["data", "volumes", "mean Dice", *classes], rows)]
     seg = dice.get("segmenter")
-    if seg:
+    if seg and "steps" in seg:
         out += [f"Segmenter: {seg['steps']} steps ({seg['epochs']} epochs) on {seg['n_volumes']} volumes, patch "
                 f"{tuple(seg['patch'])}, weights sha256 `{seg.get('sha256')}`.", ""]
+    elif seg:  # a saved segmenter given as --feature-weights (not trained in this run)
+        out += [f"Segmenter: loaded from `{seg.get('weights')}`, weights sha256 `{seg.get('sha256')}`.", ""]
     return out
 
 
