@@ -1,7 +1,7 @@
 """The paper's evaluation protocol on the phantom set (analogues of its Tables 2 and 3), plus the
 augmentation study and the privacy audit.
 
-Uses the LDM trained by ``bench/ldm.py`` (default latent_norm: codebook). Generates one volume per held-out (test) label map for the
+Uses the LDM trained by ``bench/ldm.py`` with the tiny preset's defaults (``bench/_work/ldm_v-codebook``). Generates one volume per held-out (test) label map for the
 paper's tables and one per training label map for the augmentation study, then runs
 ``medlsdm.evaluation`` (domain features from the Dice-protocol segmenter, and a randomly initialised
 MedicalNet ResNet-10 named as such: no pretrained FID weights exist on this machine; a random
@@ -35,17 +35,18 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = ap.parse_args()
     cfg = load_config("tiny")
-    data, run = phantoms(args.cases, cfg.data.shape), WORK / "ldm_codebook"
+    data, run = phantoms(args.cases, cfg.data.shape), WORK / f"ldm_{cfg.ldm.objective}-{cfg.ldm.latent_norm}"
     t0 = time.perf_counter()
     syn_test, syn_train = WORK / "synthetic_test", WORK / "synthetic_train"
-    sample_to_folder(run, data / "labelsTs", syn_test, seed=0, device="cpu")
+    how = dict(sampler=cfg.ldm.sampler, steps=cfg.ldm.sampling_steps)  # the preset's default sampler
+    sample_to_folder(run, data / "labelsTs", syn_test, seed=0, device="cpu", **how)
     train_labels = sorted((data / "labelsTr").glob("*.nii.gz"))[: args.aug_synthetic]
     aug_labels = WORK / "aug_labels"
     aug_labels.mkdir(exist_ok=True)
     for f in train_labels:
         if not (aug_labels / f.name).exists():
             (aug_labels / f.name).symlink_to(f)
-    sample_to_folder(run, aug_labels, syn_train, seed=1, device="cpu")
+    sample_to_folder(run, aug_labels, syn_train, seed=1, device="cpu", **how)
     sample_s = time.perf_counter() - t0
 
     report = WORK / "report"
@@ -73,7 +74,7 @@ def main() -> None:
     feat = priv.get("feature", {})
     md = "\n".join([
         "## Paper protocol on phantoms (Tables 2 and 3 analogues), augmentation, privacy", "", header(command_line()),
-        f"Model: `bench/_work/ldm_codebook` from `bench/ldm.py` (tiny preset, DDIM-{cfg.ldm.sampling_steps}). "
+        f"Model: `bench/_work/{run.name}` from `bench/ldm.py` (tiny preset, {cfg.ldm.sampler.upper()}-{cfg.ldm.sampling_steps}). "
         f"{m['inputs']['n_synthetic']} synthetic volumes from the held-out label maps; sampling took {sample_s:.0f} s, "
         f"the whole protocol {total_s / 60:.1f} min; peak RSS {peak_rss_gib():.2f} GiB.", "",
         f"**Table 2 analogue: Dice of a 3D U-Net trained on the real training set** "

@@ -1,0 +1,162 @@
+"""Med-LSDM against its two baselines on the same data, budget and sampler (issue: baselines side by side).
+
+Trains, on the phantom training set of ``bench/vqgan.py`` and with the same wall-clock CPU budget each:
+- ``lsdm``: VQ-GAN (``--vq-share`` of the budget) + latent semantic diffusion model (the rest);
+- ``slice2d``: SegGuidedDiff-style 2D diffusion on axial slices, mask concatenated, slices stacked;
+- ``pixel3d``: Med-DDPM-style 3D diffusion in image space, label map concatenated.
+All use the ``tiny`` preset's U-Net widths, schedule, objective and EMA. Then each samples one volume per
+held-out label map with the same sampler and seeds (in a child process, so its peak memory is its own),
+and the evaluation suite scores it: FID per plane and 3D-FID (domain extractor: the encoder of one
+segmentation network trained on the real training set, shared by all methods), LPIPS, SSIM, RMSE, PSNR,
+inter-slice consistency, Dice of that segmenter on the synthetic volumes (paper Table 2 protocol) and the
+label-following error of ``bench/ldm.py``. One table goes to BENCHMARKS.md.
+
+    python bench/compare.py --minutes 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from _common import ROOT, WORK, command_line, header, write_section
+from medlsdm.config import load_config
+from medlsdm.data.layouts import find_cases
+from medlsdm.data.transforms import load_case, load_image
+from medlsdm.evaluation.evaluate import evaluate
+from medlsdm.evaluation.metrics import label_following
+from medlsdm.runs import latest_step
+from medlsdm.training.latents import encode_dataset
+from medlsdm.training.run import train_ldm, train_vqgan
+from vqgan import phantoms
+
+METHODS = ("lsdm", "slice2d", "pixel3d")
+CMP = WORK / "compare"
+
+
+def train(method: str, data: Path, minutes: float, vq_share: float, work: Path) -> tuple[Path, dict]:
+    """Train ``method`` within ``minutes`` of wall time; returns its run folder and what it did."""
+    root = work / method
+    t0 = time.perf_counter()
+    if method == "lsdm":
+        vq = train_vqgan(data, "tiny", root / "vqgan", max_steps=100000, max_minutes=minutes * vq_share,
+                         device="cpu", progress=False)
+        lat = encode_dataset(vq, data, root / "latents", device="cpu", progress=False)
+        left = minutes - (time.perf_counter() - t0) / 60
+        run = train_ldm(vq, lat, "tiny", root / "run", max_steps=100000, max_minutes=max(left, 0.1), device="cpu",
+                        progress=False)
+    else:
+        run = train_ldm(None, data, "tiny", root / "run", max_steps=100000, max_minutes=minutes, device="cpu",
+                        progress=False, method=method)
+    return run, {"train_seconds": time.perf_counter() - t0, "steps": latest_step(run)}
+
+
+def sample_child(run: Path, labels: Path, out: Path, steps: int, result: Path) -> None:
+    """Runs in a child process: sample every label map, record seconds per volume and peak RSS."""
+    from medlsdm.pipeline import sample_to_folder
+
+    t0 = time.perf_counter()
+    written = sample_to_folder(run, labels, out, sampler="ddim", steps=steps, seed=0, device="cpu", progress=False)
+    seconds = time.perf_counter() - t0
+    result.write_text(json.dumps({"volumes": len(written), "seconds_per_volume": seconds / max(1, len(written)),
+                                  "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+
+
+def follow(data: Path, synthetic: Path, cfg) -> dict:
+    cases = find_cases(data, split="test")
+    real, maps, syn = [], [], []
+    for case in cases:
+        item = load_case(case, cfg.data)
+        real.append(item["image"][0])
+        maps.append(item["label"][0])
+        syn.append(load_image(synthetic / f"{case.id}_s0.nii.gz", cfg.data)[0][0])
+    return label_following(syn, real, maps, cfg.data.num_classes)
+
+
+def fmt(v, digits: int = 3) -> str:
+    return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--minutes", type=float, default=10.0, help="training wall-time budget per method")
+    ap.add_argument("--vq-share", type=float, default=0.45, help="lsdm: share of its budget for the VQ-GAN")
+    ap.add_argument("--cases", type=int, default=60, help="phantom set size (as in bench/vqgan.py)")
+    ap.add_argument("--steps", type=int, default=25, help="DDIM steps for every method")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--work", type=Path, default=CMP, help="folder for runs, volumes and reports")
+    ap.add_argument("--no-write", action="store_true", help="print the table, leave BENCHMARKS.md alone (dry runs)")
+    ap.add_argument("--sample-child", nargs=4, metavar=("RUN", "LABELS", "OUT", "RESULT"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.sample_child:
+        run, labels, out, result = map(Path, args.sample_child)
+        sample_child(run, labels, out, args.steps, result)
+        return
+
+    cfg = load_config("tiny")
+    data = phantoms(args.cases, cfg.data.shape)
+    rows, segmenter = {}, None
+    for method in args.methods:
+        run, info = train(method, data, args.minutes, args.vq_share, args.work)
+        synthetic, result = args.work / method / "synthetic", args.work / method / "sampling.json"
+        subprocess.run([sys.executable, str(Path(__file__).resolve()), "--steps", str(args.steps), "--sample-child",
+                        str(run), str(data / "labelsTs"), str(synthetic), str(result)], check=True, cwd=ROOT / "bench")
+        info.update(json.loads(result.read_text()))
+        m = evaluate(data, synthetic, args.work / method / "report", train=data, features="domain",
+                     feature_weights=str(segmenter) if segmenter else None, cfg=run / "config.yaml", device="cpu",
+                     privacy=False, progress=False)
+        if segmenter is None:  # the first method's evaluation trained it; every later method reuses it
+            segmenter = args.work / method / "report" / "segmenter.safetensors"
+        info["metrics"] = m
+        info["follow"] = follow(data, synthetic, load_config(run / "config.yaml"))
+        rows[method] = info
+        (args.work / "compare.json").write_text(json.dumps(rows, indent=2, default=str))
+
+    names = {"lsdm": "Med-LSDM (VQ-GAN + latent SPADE diffusion)", "slice2d": "slice2d (2D slices, SegGuidedDiff-style)",
+             "pixel3d": "pixel3d (3D image space, Med-DDPM-style)"}
+    head = ("| method | training steps | FID axial | FID coronal | FID sagittal | 3D-FID | LPIPS | SSIM | RMSE | "
+            "PSNR (dB) | inter-slice W1 | Dice on synthetic | class error (matched / mismatched) | s / volume | "
+            "peak RSS sampling (GiB) |")
+    table = [head, "|---" * 15 + "|"]
+    real_dice = None
+    for method, r in rows.items():
+        m = r["metrics"]
+        fid, p, dice = m["fid"]["domain"], m["paired"], m["dice"]["table"]
+        real_dice = dice["real test"]["mean"]
+        table.append(
+            f"| {names[method]} | {r['steps']} | {fmt(fid['axial'])} | {fmt(fid['coronal'])} | {fmt(fid['sagittal'])} | "
+            f"{fmt(fid.get('3d'))} | {fmt(p.get('lpips', {}).get('mean'))} | {fmt(p['ssim']['mean'], 4)} | "
+            f"{fmt(p['rmse']['mean'], 4)} | {fmt(p['psnr']['mean'], 2)} | {fmt(m['inter_slice'].get('wasserstein'))} | "
+            f"{fmt(dice['synthetic']['mean'])} | {fmt(r['follow']['matched'])} / {fmt(r['follow']['mismatched'])} | "
+            f"{r['seconds_per_volume']:.1f} | {r['peak_rss_gib']:.2f} |")
+    first = next(iter(rows.values()))["metrics"]
+    ex = first["fid"]["domain"]["extractor"]
+    lp = first["paired"].get("lpips", {}).get("backbone", "not run")
+    md = "\n".join([
+        "## Med-LSDM vs baselines on phantoms, equal CPU budget", "", header(command_line()),
+        f"Each method trained for {args.minutes:g} min wall time on the same {len(find_cases(data, split='train'))} "
+        f"phantom CT volumes (16 x 64 x 64); Med-LSDM spends {args.vq_share:.0%} of it on its VQ-GAN. The `tiny` "
+        f"preset's U-Net widths, cosine schedule, {cfg.ldm.objective} objective and EMA for all three; one volume "
+        f"per held-out label map ({first['inputs']['n_real']}), DDIM-{args.steps}, seed 0.", "",
+        *table, "",
+        f"FID: extractor {ex['name']} (sha256 {str(ex.get('sha256'))[:12]}, one segmenter for all methods); lower is "
+        f"better. LPIPS backbone: {lp}. Dice: foreground classes only, same segmenter; on the real test volumes it "
+        f"scores {fmt(real_dice)}. Class error: label following as in `bench/ldm.py` (matched should be well below "
+        "mismatched). Inter-slice W1: Wasserstein distance between real and synthetic adjacent-slice change "
+        "distributions (lower = more real-like slice-to-slice continuity). Sampling time and peak memory are of a "
+        "child process that loads the model and writes the volumes.",
+    ])
+    if not args.no_write:
+        write_section("compare", md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
