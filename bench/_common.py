@@ -56,3 +56,8 @@ def write_section(name: str, markdown: str) -> None:
 
 def command_line() -> str:
     return "python " + " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
+
+
+def fmt(v, digits: int = 3) -> str:
+    """A figure for a Markdown table: ``n/a`` for a missing value."""
+    return "n/a" if v is None else f"{v:.{digits}f}"

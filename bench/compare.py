@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from _common import ROOT, WORK, command_line, header, write_section
+from _common import ROOT, WORK, command_line, fmt, header, write_section
 from medlsdm.config import load_config
 from medlsdm.data.layouts import find_cases
 from medlsdm.data.transforms import load_case, load_image
@@ -78,10 +78,6 @@ def follow(data: Path, synthetic: Path, cfg) -> dict:
         maps.append(item["label"][0])
         syn.append(load_image(synthetic / f"{case.id}_s0.nii.gz", cfg.data)[0][0])
     return label_following(syn, real, maps, cfg.data.num_classes)
-
-
-def fmt(v, digits: int = 3) -> str:
-    return "n/a" if v is None else f"{v:.{digits}f}"
 
 
 def main() -> None:

@@ -15,16 +15,12 @@ from __future__ import annotations
 import argparse
 import time
 
-from _common import WORK, command_line, header, peak_rss_gib, write_section
+from _common import WORK, command_line, fmt, header, peak_rss_gib, write_section
 from medlsdm.config import load_config
 from medlsdm.evaluation.evaluate import evaluate
 from medlsdm.evaluation.studies import run_augment_study
 from medlsdm.pipeline import sample_to_folder
 from vqgan import phantoms
-
-
-def fmt(v, digits=3) -> str:
-    return "n/a" if v is None else f"{v:.{digits}f}"
 
 
 def main() -> None:
