@@ -22,11 +22,12 @@ from medlsdm.runs import latest_step
 from medlsdm.training.latents import encode_dataset
 from medlsdm.training.run import train_ldm, train_vqgan
 
-# sized so the demo finishes within ~15 minutes on 2 CPU cores: ~1.3 s per VQ-GAN step, ~0.5 s per LDM
-# step (bench/ and BENCHMARKS.md show what longer training reaches). The demo's VQ-GAN trains without its
+# sized so the demo finishes within ~15 minutes on 2 CPU cores: measured 2026-12-02 ~0.4 s per VQ-GAN step
+# (no discriminators) and ~0.25 s per LDM step, so ~10 minutes with room for a slower machine (bench/ and
+# BENCHMARKS.md show what longer training reaches). The demo's VQ-GAN trains without its
 # discriminators (they would start after its last step): in a few hundred CPU steps the GAN phase only costs
 # reconstruction quality (bench/vqgan.py: validation PSNR 32.0 dB at step 400, 27.7 dB 200 GAN steps later).
-DEMO = {"cases": 40, "vqgan_steps": 300, "disc_start": 301, "ldm_steps": 700}
+DEMO = {"cases": 40, "vqgan_steps": 400, "disc_start": 401, "ldm_steps": 1600}
 FAST = {"cases": 10, "vqgan_steps": 4, "disc_start": 2, "ldm_steps": 4}
 
 
