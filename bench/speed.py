@@ -15,14 +15,17 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import nibabel as nib
 import torch
 
 from _common import ROOT, WORK, command_line, header, write_section
+from medlsdm.data.phantom import phantom_affine
 
 HERE = Path(__file__).resolve()
 
@@ -180,7 +183,6 @@ def main() -> None:
         r = run_child("train", {"work": str(work), "name": name, "stage": stage, "yaml": yaml, "steps": train_steps,
                                 "data": src, **extra})
         train_rows.append((name, r))
-        import shutil
         shutil.rmtree(work / name, ignore_errors=True)
 
     # 2. samplers at the training shape
@@ -190,25 +192,22 @@ def main() -> None:
 
     # 3. switches (reference path: cache on, batch 1, window batch 1, fp32, eager)
     big = depths[-2]
-    ref16, ref128 = sample(), sample(depth=big)
+    ref16, ref_big = sample(), sample(depth=big)
     switch_rows = [
         ("reference (SPADE cache, fp32, eager), 16 slices", ref16),
         ("SPADE cache off, 16 slices", sample(options={"spade_cache": False})),
         ("4 volumes per U-Net call, 16 slices", sample(batch=4)),
         ("bf16 autocast, 16 slices", sample(options={"sample_precision": "bf16"})),
         ("torch.compile (second call), 16 slices", sample(options={"sample_compile": True}, warmup=True)),
-        (f"reference, {big} slices", ref128),
+        (f"reference, {big} slices", ref_big),
         (f"4 depth windows per U-Net call, {big} slices", sample(depth=big, options={"window_batch": 4})),
     ]
     labels = work / "rank_labels"
     labels.mkdir(exist_ok=True)
-    import nibabel as nib
-    from medlsdm.data.phantom import phantom_affine
     for k in range(4):
         lab = long_label_map(16, seed=20 + k)[0, 0].numpy().astype("uint8")
         nib.save(nib.Nifti1Image(lab.transpose(2, 1, 0), phantom_affine((6.0, 6.0, 6.0), lab.shape)),
                  str(labels / f"case{k}.nii.gz"))
-    import shutil
     ranks = {}
     for procs in (1, 2):
         shutil.rmtree(work / f"ranks{procs}", ignore_errors=True)
@@ -232,14 +231,14 @@ def main() -> None:
     labels_ = {"vqgan": "VQ-GAN (generator + both discriminators)", "ldm": "LDM U-Net",
                "ldm-ckpt": "LDM U-Net, gradient checkpointing"}
     lines += [f"| {labels_[n]} | {r['seconds_per_step']:.3f} | {r['peak_rss_gib']:.2f} |" for n, r in train_rows]
-    lines += ["", f"**Sampling one 16-slice volume** (label map -> NIfTI-ready volume, VQ-GAN decode included):", "",
+    lines += ["", "**Sampling one 16-slice volume** (label map -> NIfTI-ready volume, VQ-GAN decode included):", "",
               "| sampler | s / volume | x faster than DDPM-1000 |", "|---|---|---|"]
     ddpm = sampler_rows[-1][1]["seconds_per_volume"]
     lines += [f"| {n} | {r['seconds_per_volume']:.2f} | {ddpm / r['seconds_per_volume']:.0f} |" for n, r in sampler_rows]
     lines += ["", f"**Sampling switches** (DDIM-{steps}; each row changes one thing against the reference):", "",
               "| setting | s / volume | vs reference | peak RSS (GiB) |", "|---|---|---|---|"]
     for n, r in switch_rows:
-        ref = ref128 if f"{big} slices" in n else ref16
+        ref = ref_big if f"{big} slices" in n else ref16
         extra = f" (first call {r['first_call_seconds']:.1f} s)" if "first_call_seconds" in r else ""
         lines.append(f"| {n}{extra} | {r['seconds_per_volume']:.2f} | "
                      f"{ref['seconds_per_volume'] / r['seconds_per_volume']:.2f}x | {r['peak_rss_gib']:.2f} |")

@@ -89,14 +89,10 @@ class SynthesisPipeline:
         the training depth (``ldm.window_overlap``), so memory stays that of the training window."""
         ldm = self.cfg.ldm
         onehot = one_hot(labels.to(self.device), self.cfg.data.num_classes)
-        options: dict = {}
         if ldm.window_batch < 1:
             raise UserError(f"config: ldm.window_batch must be at least 1, got {ldm.window_batch}")
-        if type(self.diffusion).sample is LatentDiffusion.sample:  # baselines that sample their own way: as before
-            options = dict(window=self.window, overlap=self.overlap, window_batch=ldm.window_batch,
-                           cache=ldm.spade_cache, precision=ldm.sample_precision, compile=ldm.sample_compile)
-        elif isinstance(generator, list):
-            generator = generator[0]
+        options = dict(window=self.window, overlap=self.overlap, window_batch=ldm.window_batch,
+                       cache=ldm.spade_cache, precision=ldm.sample_precision, compile=ldm.sample_compile)
         z = self.diffusion.sample(onehot, sampler or ldm.sampler, steps or ldm.sampling_steps,
                                   ldm.guidance_scale if guidance is None else guidance, eta, generator, progress,
                                   **options)

@@ -105,6 +105,12 @@ def test_slice_seeds_differ_and_slices_are_generated_independently() -> None:
     g2 = torch.Generator().manual_seed(slice_seed(seed, 2))
     alone = super(SliceDiffusion, model).sample(same[:, :, 2:3], "ddim", 3, generator=g2, progress=False)
     assert torch.allclose(alone[:, :, 0], vol[:, :, 2], atol=1e-6)
+    # one generator per volume (as `medlsdm sample` passes them): a volume is the same alone and in a batch,
+    # and the pipeline's switches reach every slice's chain
+    g = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
+    pair = model.sample(torch.cat([same, other]), "ddim", 3, generator=[g(7), g(8)], progress=False, cache=True)
+    assert torch.allclose(pair[:1], vol, atol=1e-5)
+    assert torch.allclose(pair[1:], model.sample(other, "ddim", 3, generator=[g(8)], progress=False), atol=1e-5)
 
 
 def test_slice2d_training_loss_draws_slices_from_volumes() -> None:

@@ -101,8 +101,13 @@ class SliceDiffusion(LatentDiffusion):
         return loss, {**logs, "slices": float(len(xs))}
 
     @staticmethod
-    def volume_seeds(batch: int, generator: torch.Generator | None) -> list[int]:
-        """One seed per volume, drawn from ``generator`` (the global RNG when None)."""
+    def volume_seeds(batch: int, generator: torch.Generator | list[torch.Generator] | None) -> list[int]:
+        """One seed per volume, drawn from ``generator`` (the global RNG when None), or from each volume's own
+        generator when a list of ``batch`` is given (a volume then does not depend on its batch)."""
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != batch:
+                raise ValueError(f"{len(generator)} generators for a batch of {batch}")
+            return [int(torch.randint(0, 2**62, (1,), generator=g, device=g.device)) for g in generator]
         src = generator.device if generator is not None else torch.device("cpu")
         return torch.randint(0, 2**62, (batch,), generator=generator, device=src).tolist()
 
@@ -114,21 +119,24 @@ class SliceDiffusion(LatentDiffusion):
         steps: int | None = None,
         guidance_scale: float = 1.0,
         eta: float = 0.0,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         progress: bool = True,
+        **options,
     ) -> torch.Tensor:
         """Volumes (B, 1, D, H, W) for label maps (B, C, D, H, W). Every slice is a separate reverse chain
         conditioned only on its own 2D mask and driven by its own generator seeded with
-        :func:`slice_seed` (volume seed, slice index); the volume seeds come from ``generator``."""
+        :func:`slice_seed` (volume seed, slice index); the volume seeds come from ``generator``.
+        ``options``: :meth:`LatentDiffusion.sample`'s switches, applied to each slice's chain."""
         b, d = labels_onehot.shape[0], labels_onehot.shape[2]
-        src = generator.device if generator is not None else torch.device("cpu")
         seeds = self.volume_seeds(b, generator)
+        src = (generator[0] if isinstance(generator, (list, tuple)) else generator)
+        src = src.device if src is not None else torch.device("cpu")
         volumes = []
         for i in range(b):
             slices = []
             for k in tqdm(range(d), desc="slices", disable=not progress, leave=False):
                 g = torch.Generator(src).manual_seed(slice_seed(seeds[i], k))
                 slices.append(super().sample(labels_onehot[i:i + 1, :, k:k + 1], sampler, steps, guidance_scale,
-                                             eta, g, progress=False))
+                                             eta, g, progress=False, **options))
             volumes.append(torch.cat(slices, dim=2))
         return torch.cat(volumes, dim=0)
