@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shape", nargs=3, metavar=("D", "H", "W"), default=["16", "64", "64"], help="volume shape (default: 16 64 64)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--test-fraction", type=float, default=0.2, help="held-out share written to imagesTs/labelsTs")
+    p.add_argument("--scale", choices=["paper", "abdomen"], default="paper",
+                   help="paper: a region at the paper's AutoPET voxel size (3 x 2 x 2 mm) around the right kidney, "
+                        "spine and liver; abdomen: the whole 96 x 384 x 384 mm abdomen in the shape "
+                        "(default: %(default)s)")
     p.set_defaults(func=_cmd_phantom)
 
     p = sub.add_parser("prepare", help="validate a data set, cache preprocessed samples, print a summary",
@@ -86,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default=None,
                    help="lsdm (Med-LSDM), slice2d (2D slices, SegGuidedDiff-style) or pixel3d (3D image space, "
                         "Med-DDPM-style); default: the config's ldm.method (lsdm in the presets)")
+    p.add_argument("--allow-vqgan-mismatch", action="store_true",
+                   help="train although --vqgan's weights differ from those the latents were encoded with, or "
+                        "(--resume) from those the run was started with")
     _add_data(p)
     _add_config(p, default=None)
     _add_train(p)
@@ -170,12 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_phantom(a: argparse.Namespace) -> None:
-    from medlsdm.data.phantom import write_phantom_dataset
+    from medlsdm.data.phantom import PAPER_SPACING, ROI_CENTRE_MM, write_phantom_dataset
 
     if a.n < 1:
         raise UserError("--n must be at least 1")
+    region = dict(spacing=PAPER_SPACING, centre=ROI_CENTRE_MM) if a.scale == "paper" else {}
     out = write_phantom_dataset(a.out, a.n, modality=a.modality, shape=_shape(a.shape), seed=a.seed,
-                                test_fraction=a.test_fraction)
+                                test_fraction=a.test_fraction, **region)
     print(f"wrote {a.n} {a.modality.upper()} phantoms to {out}")
 
 
@@ -208,7 +216,7 @@ def _cmd_train_ldm(a: argparse.Namespace) -> None:
 
     train_ldm(a.vqgan, a.data, a.config, a.out, layout=a.layout, label_dir=a.label_dir, max_steps=a.max_steps,
               resume=a.resume, device=a.device, seed=a.seed, progress=not a.no_progress, max_minutes=a.max_minutes,
-              method=a.method)
+              method=a.method, allow_vqgan_mismatch=a.allow_vqgan_mismatch)
 
 
 def _cmd_sample(a: argparse.Namespace) -> None:

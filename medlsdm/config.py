@@ -21,7 +21,9 @@ from medlsdm.errors import UserError
 
 PRESETS_DIR = Path(__file__).parent / "configs"
 PRESETS = ("tiny", "paper")
+VQGAN_UPSAMPLE = ("transpose", "nearest_conv")
 LDM_METHODS = ("lsdm", "slice2d", "pixel3d")  # Med-LSDM and the two baselines (see medlsdm.diffusion.baselines)
+FEATURE_MATCH_REDUCTIONS = ("mean", "sum")  # over discriminator layers (see medlsdm.autoencoder.losses)
 
 
 @dataclass
@@ -32,6 +34,10 @@ class DataConfig:
     modality: str = "ct"  # "ct" (window clip) or "mr" (percentile clip)
     ct_window: tuple[float, float] = (-1000.0, 1000.0)  # HU range mapped to [-1, 1]
     mr_percentiles: tuple[float, float] = (0.5, 99.5)  # percentile range mapped to [-1, 1]
+    # what a person looks at (previews, report figures, window metrics; see medlsdm.data.display): CT a
+    # soft-tissue window in HU (level 40, width 400), MR these percentiles of the volume shown
+    ct_display_window: tuple[float, float] = (-160.0, 240.0)
+    mr_display_percentiles: tuple[float, float] = (1.0, 99.0)
     orientation: str = "RAS"
     spacing: Optional[tuple[float, float, float]] = None  # target voxel size (D, H, W) in mm; None keeps it
     resize_mode: str = "crop_pad"  # "crop_pad" (centre crop / pad) or "resize" (trilinear / nearest)
@@ -42,6 +48,13 @@ class DataConfig:
     cache_dir: Optional[str] = None  # preprocessed samples are cached here when set
     num_workers: int = 0
 
+
+    def __post_init__(self) -> None:
+        for name in ("ct_window", "ct_display_window", "mr_percentiles", "mr_display_percentiles"):
+            lo, hi = getattr(self, name)
+            if not lo < hi or (name.startswith("mr") and not 0 <= lo < hi <= 100):
+                raise UserError(f"config: data.{name} must be (low, high) with low < high"
+                                + (" within 0..100" if name.startswith("mr") else "") + f", got {[lo, hi]}")
 
 @dataclass
 class VQGANConfig:
@@ -58,6 +71,14 @@ class VQGANConfig:
     dead_code_threshold: float = 1.0  # codes with EMA usage below this are re-initialised from encoder outputs
     quantize_chunk: int = 4096  # latent vectors per distance-matrix chunk (never the full N x K matrix)
     l1_weight: float = 4.0
+    # L1 inside the display window (data.ct_display_window; scaled so the window spans 2 units): 0 = the paper
+    # (L1 over the whole normalised range, where soft tissue is a few per cent of it); see BENCHMARKS.md vqgan
+    window_l1_weight: float = 0.0
+    # decoder up-sampling: "transpose" (strided 4x4x4 transposed convs, the paper's code; Appendix A's parameter
+    # counts) or "nearest_conv" (nearest-neighbour x2 then a 3x3x3 conv, as taming's VQ-GAN and MONAI's
+    # AutoencoderKL: no checkerboard from uneven kernel overlap); see BENCHMARKS.md vqgan
+    upsample: str = "transpose"
+    decoder_tanh: bool = False  # a final tanh on the decoder output (the authors' final runs have one)
     perceptual_weight: float = 1.0
     # perceptual backbone: "vgg16" (needs perceptual_weights, torchvision's ImageNet file),
     # "random-vgg16" (randomly initialised, named as such in logs) or "none" (no perceptual term)
@@ -71,8 +92,22 @@ class VQGANConfig:
     gan_loss: str = "hinge"  # "hinge" or "vanilla" (non-saturating)
     image_gan_weight: float = 1.0  # 2D slice discriminator
     volume_gan_weight: float = 1.0  # 3D patch discriminator
+    # discriminator feature matching (L1 between fake and real features of each discriminator layer); the
+    # paper's text has none: feature_match_weight: 0. Over the layers: "mean" (default) or "sum" (the authors'
+    # code: n_layers times "mean", 4x with disc_layers: 3, whose discriminators return 4 feature maps)
     feature_match_weight: float = 4.0
+    feature_match_reduction: str = "mean"
     adaptive_weight_max: float = 1e4
+
+    def __post_init__(self) -> None:
+        if self.feature_match_reduction not in FEATURE_MATCH_REDUCTIONS:
+            raise UserError(f"config: unknown vqgan.feature_match_reduction '{self.feature_match_reduction}' "
+                            f"(choose from {', '.join(FEATURE_MATCH_REDUCTIONS)})")
+        if self.upsample not in VQGAN_UPSAMPLE:
+            raise UserError(f"config: unknown vqgan.upsample '{self.upsample}' "
+                            f"(choose from {', '.join(VQGAN_UPSAMPLE)})")
+        if self.window_l1_weight < 0:
+            raise UserError(f"config: vqgan.window_l1_weight must be >= 0, got {self.window_l1_weight}")
 
 
 @dataclass
@@ -98,7 +133,9 @@ class LDMConfig:
     # mean/std of the encoded training set); both are measured in BENCHMARKS.md
     latent_norm: str = "codebook"
     cond_drop_prob: float = 0.1  # label map dropped with this probability (trains the unconditional branch)
-    guidance_scale: float = 1.0  # 1.0 = conditional model only (authors' code: 1.5)
+    # classifier-free guidance uncond + s * (cond - uncond); 1.0 = conditional model only. The authors' code
+    # computes cond + 1.5 * (cond - uncond), which is s = 2.5 in this convention
+    guidance_scale: float = 1.0
     ema_decay: float = 0.999
     sampler: str = "dpm++"  # "ddpm" (all T steps, the paper), "ddim" or "dpm++"; chosen by bench/ldm.py's table
     sampling_steps: int = 25
@@ -131,6 +168,9 @@ class TrainConfig:
     precision: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU), "bf16", "fp32"
     grad_clip: float = 1.0
     val_fraction: float = 0.1
+    # a validation metric (higher is better, e.g. "psnr_window" for the VQ-GAN) whose best weights are kept in
+    # RUN/best/ and used for encoding and decoding instead of the latest ones; None = always the latest
+    keep_best: Optional[str] = None
 
 
 @dataclass

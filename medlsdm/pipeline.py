@@ -197,6 +197,7 @@ def sample_to_folder(model: Path, labels: Path, out: Path, n_per_label: int = 1,
     through the U-Net together. Under torchrun each rank takes every ``world_size``-th job, so nothing is
     generated twice. ``options``: :meth:`SynthesisPipeline.configure` overrides (efficiency switches).
     """
+    from medlsdm.data.display import display_window
     from medlsdm.viz import save_preview
 
     if n_per_label < 1 or batch_size < 1:
@@ -232,9 +233,10 @@ def sample_to_folder(model: Path, labels: Path, out: Path, n_per_label: int = 1,
             target = out / f"{_stem(f)}_s{k}.nii.gz"
             save_volume(vol.cpu(), geometry, target, pipe.cfg.data)
             if preview:
+                lo, hi = display_window(pipe.cfg.data, vol)
                 save_preview(target.with_name(target.name.replace(".nii.gz", ".png")),
                              {"synthetic": vol[0].cpu().numpy()}, labels=label[0].numpy(),
-                             title=f"{f.name} sample {k}")
+                             title=f"{f.name} sample {k}", vmin=lo, vmax=hi)
             written.append(target)
         bar.update(len(batch))
     bar.close()

@@ -1,4 +1,5 @@
-"""Reading trained run folders: their resolved config and the weights of their newest checkpoint.
+"""Reading trained run folders: their resolved config and the weights they are used with (the newest
+checkpoint's, or the best validation weights a run kept with ``train.keep_best``).
 
 A run folder is self-describing (``config.yaml`` + ``checkpoints/latest``); an LDM run also holds a
 copy of its frozen VQ-GAN under ``vqgan/`` so that it can be moved and used offline on its own.
@@ -6,6 +7,7 @@ copy of its frozen VQ-GAN under ``vqgan/`` so that it can be moved and used offl
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -56,12 +58,24 @@ def latest_weights(run_dir: Path, name: str) -> Path:
     return path
 
 
+def selected_weights(run_dir: Path, name: str) -> Path:
+    """The weights a run is used with: ``RUN_DIR/best/<name>.safetensors`` when the run kept its best
+    validation weights (``train.keep_best``), else those of the latest checkpoint (or an export's flat file)."""
+    run_dir = Path(run_dir)
+    record = run_dir / "best" / "best.json"
+    if record.is_file() and not (run_dir / f"{name}.safetensors").is_file():
+        best = record.parent / json.loads(record.read_text())["folder"] / f"{name}.safetensors"
+        if best.is_file():
+            return best
+    return latest_weights(run_dir, name)
+
+
 def load_vqgan(run_dir: Path, device: torch.device | str = "cpu") -> tuple["torch.nn.Module", Config]:
     """The frozen VQ-GAN of a VQ-GAN run folder (or of an LDM run's ``vqgan/`` copy), in eval mode."""
     from medlsdm.autoencoder.vqgan import VQGAN
 
     cfg = run_config(run_dir)
     model = VQGAN(cfg.vqgan)
-    load_into(model, latest_weights(run_dir, "vqgan"), what="VQ-GAN")
+    load_into(model, selected_weights(run_dir, "vqgan"), what="VQ-GAN")
     model.to(device).eval().requires_grad_(False)
     return model, cfg

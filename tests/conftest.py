@@ -10,10 +10,12 @@ import pytest
 # two cores: one intra-op thread per process keeps the 2-process DDP tests from oversubscribing
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+# the test phantoms are whole-abdomen ones at their own voxel size: keep it (the tiny preset resamples to 3x2x2 mm)
 MICRO = """
 base: tiny
 data:
   shape: [8, 32, 32]
+  spacing: null
 vqgan:
   channels: 4
   n_codes: 64

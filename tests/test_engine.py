@@ -61,7 +61,7 @@ def _trainer(run: Path, max_steps: int = 6) -> Trainer:
     cfg = load_config("tiny")
     tc = cfg.train_vqgan
     tc.batch_size, tc.grad_accum, tc.ckpt_every, tc.log_every, tc.val_every = 3, 2, 3, 1, 1000
-    tc.max_steps = max_steps
+    tc.max_steps, tc.keep_best = max_steps, None  # the toy task has no validation metric
     return Trainer(ToyTask(), cfg, tc, run, Toy(), None, DistContext(), progress=False)
 
 
@@ -120,3 +120,55 @@ def test_sampler_is_deterministic_and_resumable() -> None:
     assert sorted(whole[:7]) == list(range(7))  # each epoch is a permutation
     r0, r1 = take(ResumableSampler(8, 3, 0, 2), 4), take(ResumableSampler(8, 3, 1, 2), 4)
     assert not set(r0) & set(r1)  # ranks see disjoint samples within an epoch
+
+
+class ScoredToyTask(ToyTask):
+    """Validation returns a scripted score per step (higher is better), so the best step is known."""
+
+    best_metrics = ("score",)
+    SCORES = {2: 1.0, 4: 3.0, 6: 2.0, 8: float("nan"), 10: 2.5}
+
+    def validate(self, loader, step, run_dir):
+        return {"score": self.SCORES[step]}
+
+
+def _scored_trainer(run: Path, keep_best) -> Trainer:
+    cfg = load_config("tiny")
+    tc = cfg.train_vqgan
+    tc.batch_size, tc.grad_accum, tc.ckpt_every, tc.log_every, tc.val_every = 3, 1, 2, 1, 2
+    tc.keep_best = keep_best
+    return Trainer(ScoredToyTask(), cfg, tc, run, Toy(), Toy(2), DistContext(), progress=False)
+
+
+def test_keep_best_keeps_the_best_validation_weights_across_resume(tmp_path: Path) -> None:
+    import json
+
+    from medlsdm.io import load_weights
+    from medlsdm.runs import selected_weights
+
+    run = tmp_path / "run"
+    t = _scored_trainer(run, "score")
+    t.fit(4)  # best so far: step 4 (score 3.0)
+    at4 = {k: v.clone() for k, v in t.task.net.state_dict().items()}
+    t = _scored_trainer(run, "score")
+    t.fit(10, resume=True)  # steps 6 (2.0), 8 (NaN: never "best") and 10 (2.5) are worse: step 4 stays
+    assert json.loads((run / "best" / "best.json").read_text()) == {"metric": "score", "value": 3.0, "step": 4,
+                                                                    "folder": "step_0000004"}
+    kept = selected_weights(run, "net")
+    assert kept == run / "best" / "step_0000004" / "net.safetensors"
+    assert all(torch.equal(load_weights(kept)[k], at4[k]) for k in at4)
+    assert not all(torch.equal(load_weights(kept)[k], t.task.net.state_dict()[k]) for k in at4)  # latest differs
+    assert sorted(p.name for p in (run / "best").iterdir()) == ["best.json", "step_0000004"]  # nothing half-written
+    _scored_trainer(run, "score").fit(2)  # a new run (no --resume) into the folder starts a new record
+    assert json.loads((run / "best" / "best.json").read_text())["step"] == 2
+
+
+def test_without_keep_best_the_latest_weights_are_used(tmp_path: Path) -> None:
+    from medlsdm.runs import selected_weights
+
+    run = tmp_path / "run"
+    _scored_trainer(run, None).fit(4)
+    assert not (run / "best").exists()
+    assert selected_weights(run, "net") == run / "checkpoints" / "step_0000004" / "net.safetensors"
+    with pytest.raises(UserError, match="keep_best 'psnr' is not a validation metric"):
+        _scored_trainer(tmp_path / "other", "psnr")  # refused before any work, on every rank

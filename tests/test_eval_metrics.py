@@ -159,5 +159,10 @@ def test_label_following_separates_a_label_following_model_from_one_that_ignores
     same = [real[0]] * 4  # one volume whatever the label map: no label following
     ignoring = label_following(same, real, labels, 6)
     assert ignoring["matched"] == pytest.approx(ignoring["mismatched"])
+    # per class, in the volumes' units: zero for every class the perfect model scores, and the control's
+    # errors show where the classes are told apart (e.g. the liver, 55-70 HU, where another map has body)
+    pm, px = (torch.tensor(perfect["per_class"][k]) for k in ("matched", "mismatched"))
+    assert len(pm) == 6 and bool((pm[~pm.isnan()] == 0).all()) and int((~pm.isnan()).sum()) >= 3
+    assert float(px[2]) > 0.01  # liver: > 10 HU off in the other subject's volume
     with pytest.raises(ValueError):
         label_following(real[:1], real[:1], labels[:1], 6)

@@ -24,7 +24,7 @@ SHAPE = (16, 32, 32)
 
 @pytest.fixture(scope="module")
 def cfg():
-    return load_config("tiny", {"data": {"shape": list(SHAPE)}, "seg": {"steps": 8}})
+    return load_config("tiny", {"data": {"shape": list(SHAPE), "spacing": None}, "seg": {"steps": 8}})
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,7 @@ C = 6
 
 @pytest.fixture(scope="module")
 def cfg():
-    return load_config("tiny", {"data": {"shape": list(SHAPE)}, "seg": {"steps": 12}})
+    return load_config("tiny", {"data": {"shape": list(SHAPE), "spacing": None}, "seg": {"steps": 12}})
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,8 @@ def test_evaluate_dice_through_the_sliding_window(cfg):
     rng = np.random.default_rng(0)
     labels = [torch.from_numpy(rng.integers(0, C, size=(1, *SHAPE))) for _ in range(2)]
     images = [lab.float() / (C - 1) * 2 - 1 for lab in labels]
-    small = load_config("tiny", {"data": {"shape": list(SHAPE)}, "seg": {"patch": [8, 16, 16]}})  # 8 windows
+    small = load_config("tiny", {"data": {"shape": list(SHAPE), "spacing": None},  # 8 windows
+                                 "seg": {"patch": [8, 16, 16]}})
     assert torch.equal(predict(_Oracle(), images[0], small), labels[0])
     assert evaluate_dice(_Oracle(), images, labels, small)["mean"] == pytest.approx(1.0)
     assert evaluate_dice(_Oracle(shift=1), images, labels, small)["mean"] == pytest.approx(0.0)

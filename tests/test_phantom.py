@@ -207,3 +207,19 @@ def test_speed(tmp_path):
     for s in range(20):
         generate_phantom(s, SHAPE, "ct")
     assert time.perf_counter() - start < 15.0
+
+
+def test_region_at_a_given_spacing_is_a_window_onto_the_same_anatomy():
+    """With ``spacing`` and ``centre`` the grid is a region of the same continuous anatomy: a 64 x 64 region is
+    the centre of a 128 x 128 one around the same centre, voxel for voxel; the affine says where it is."""
+    from medlsdm.data.phantom import PAPER_SPACING, ROI_CENTRE_MM, phantom_affine
+
+    _, small = generate_phantom(4, (8, 64, 64), "ct", spacing=PAPER_SPACING, centre=ROI_CENTRE_MM)
+    _, large = generate_phantom(4, (8, 128, 128), "ct", spacing=PAPER_SPACING, centre=ROI_CENTRE_MM)
+    assert np.array_equal(small, large[:, 32:96, 32:96])
+    assert {1, 2, 3, 4} <= set(np.unique(small).tolist())  # body, liver, kidney and spine in view
+    sd, sh, sw = phantom_spacing(4, (8, 64, 64), PAPER_SPACING)
+    assert (sd, sh, sw) == PAPER_SPACING  # exact: a preset resampling to it neither interpolates nor pads
+    affine = phantom_affine((sd, sh, sw), (8, 64, 64), ROI_CENTRE_MM)
+    centre_voxel = affine @ np.array([31.5, 31.5, 3.5, 1.0])  # (x, y, z) = (W, H, D) voxel -> RAS mm
+    assert np.allclose(centre_voxel[:3], ROI_CENTRE_MM[::-1])

@@ -168,3 +168,15 @@ def test_two_process_sampling_splits_the_label_maps(tmp_path: Path, runs: dict[s
                  "--n-per-label", "2", "--steps", "2", "--device", "cpu"]) == 0
     for name in names:
         assert np.array_equal(nib.load(str(out / name)).get_fdata(), nib.load(str(single / name)).get_fdata())
+
+
+def test_previews_use_the_display_window(tmp_path: Path, runs: dict[str, Path], phantoms: Path, monkeypatch) -> None:
+    """Every preview `sample` writes is drawn in the config's display window (CT: -160..240 HU by default), not
+    over the whole normalised range where soft tissue is a few grey levels."""
+    import medlsdm.viz
+    from medlsdm.pipeline import sample_to_folder
+
+    seen = []
+    monkeypatch.setattr(medlsdm.viz, "save_preview", lambda path, volumes, **kw: seen.append(kw))
+    sample_to_folder(runs["ldm"], phantoms / "labelsTs", tmp_path / "syn", steps=2, device="cpu", progress=False)
+    assert seen and all((kw["vmin"], kw["vmax"]) == pytest.approx((-0.16, 0.24)) for kw in seen)

@@ -23,6 +23,8 @@ from medlsdm.errors import UserError
 
 
 def tiny_cfg(**kw):
+    """The tiny preset's VQ-GAN config with the paper's loss (no display-window L1 term) unless asked for."""
+    kw.setdefault("window_l1_weight", 0.0)
     return dataclasses.replace(load_config("tiny").vqgan, **kw)
 
 
@@ -121,6 +123,40 @@ def test_generator_loss_with_discriminators_and_perceptual_term():
     assert all(p.grad is None for p in perceptual.parameters())  # frozen backbone
 
 
+def test_feature_match_sum_is_n_layers_times_mean():
+    """``sum`` (the authors' code) = number of discriminator layers x ``mean`` (the default), in the loss too."""
+    from medlsdm.autoencoder.losses import feature_matching
+
+    model, x, x_rec, vq = _model_and_batch()
+    torch.manual_seed(1)
+    disc2d, disc3d = SliceDiscriminator2D(8, 3), PatchDiscriminator3D(8, 3)
+    fake, real = disc3d(x_rec)[1], disc3d(x)[1]
+    n = len(fake)
+    assert n == 4  # 3-layer discriminators return 4 feature maps (as the authors')
+    mean, total = feature_matching(fake, real, "mean"), feature_matching(fake, real, "sum")
+    assert mean.item() > 0
+    torch.testing.assert_close(total, n * mean)
+    torch.testing.assert_close(mean, sum(torch.nn.functional.l1_loss(f, r) for f, r in zip(fake, real)) / n)
+    logs = {}
+    for red in ("mean", "sum"):
+        cfg = tiny_cfg(disc_start_step=0, feature_match_reduction=red, image_gan_weight=1.0, volume_gan_weight=0.5)
+        torch.manual_seed(2)  # the same random slice for the 2D discriminator
+        logs[red] = VQGANLoss(cfg).generator_loss(x, x_rec, vq, disc2d, disc3d, 0, model.last_layer)[1]
+    assert logs["mean"]["feature_match"] > 0
+    assert logs["sum"]["feature_match"] == pytest.approx(n * logs["mean"]["feature_match"], rel=1e-5)
+    assert logs["sum"]["g_gan"] == pytest.approx(logs["mean"]["g_gan"], rel=1e-6)  # only feature matching changed
+
+
+def test_unknown_feature_match_reduction_is_refused(tmp_path):
+    assert load_config("tiny").vqgan.feature_match_reduction == "mean"  # the default is unchanged
+    path = tmp_path / "bad.yaml"
+    path.write_text("base: tiny\nvqgan:\n  feature_match_reduction: max\n")
+    with pytest.raises(UserError, match="unknown vqgan.feature_match_reduction 'max'"):
+        load_config(path)
+    with pytest.raises(UserError, match="feature_match_reduction"):
+        tiny_cfg(feature_match_reduction="median")
+
+
 def test_sample_slices_uses_the_same_index_for_real_and_fake():
     real = torch.arange(4.0).view(1, 1, 4, 1, 1).expand(3, 1, 4, 2, 2)
     a, b = sample_slices(real, real + 10.0)
@@ -178,3 +214,20 @@ def test_wrong_perceptual_files_are_one_line_user_errors(tmp_path):
     assert build_perceptual(tiny_cfg(perceptual_backbone="none")) == (None, "none (no perceptual term)")
     with pytest.raises(UserError, match="perceptual_backbone"):
         build_perceptual(tiny_cfg(perceptual_backbone="resnet"))
+
+
+def test_window_l1_weighs_soft_tissue_errors_and_ignores_them_outside_the_window():
+    """Display window (-0.16, 0.24) in [-1, 1] units (-160..240 HU over -1000..1000): a 0.02 error (20 HU) inside
+    it costs 0.02 * 2 / 0.4 = 0.1; the same error on bone (0.7 -> 0.72, outside) costs nothing."""
+    model, _, _, vq = _model_and_batch()
+    cfg = tiny_cfg(disc_start_step=100, l1_weight=4.0, window_l1_weight=2.0)
+    loss_fn = VQGANLoss(cfg, window=lambda x: (-0.16, 0.24))
+    x = torch.full((1, 1, 4, 8, 8), 0.04)
+    assert loss_fn.window_l1(x, x + 0.02).item() == pytest.approx(0.1, rel=1e-5)
+    bone = torch.full_like(x, 0.7)
+    assert loss_fn.window_l1(bone, bone + 0.02).item() == 0.0
+    loss, logs = loss_fn.generator_loss(x, x + 0.02, vq, MeanDisc(), MeanDisc(), 0, model.last_layer)
+    assert logs["l1_window"] == pytest.approx(0.1, rel=1e-5)
+    assert loss.item() == pytest.approx(4.0 * 0.02 + 2.0 * 0.1 + vq.commitment_loss.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="display window"):
+        VQGANLoss(cfg)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from medlsdm.autoencoder import VQGAN, PatchDiscriminator3D, SliceDiscriminator2D, VectorQuantizer
-from medlsdm.config import load_config
+from medlsdm.config import VQGANConfig, load_config
 from medlsdm.errors import UserError
 
 
@@ -52,10 +52,15 @@ def test_forward_and_decode_indices_agree():
         assert torch.allclose(model.decode_indices(vq.indices), rec, atol=1e-5)
 
 
-def test_axis_with_factor_one_is_never_strided():
-    model = VQGAN(tiny_cfg(downsample=(1, 4, 4)))
-    for conv in (model.encoder.levels[0][0], model.decoder.levels[0][0]):
-        assert conv.stride == (1, 2, 2)
+@pytest.mark.parametrize("upsample", ["transpose", "nearest_conv"])
+def test_axis_with_factor_one_is_never_strided(upsample):
+    model = VQGAN(tiny_cfg(downsample=(1, 4, 4), upsample=upsample))
+    assert model.encoder.levels[0][0].stride == (1, 2, 2)
+    up = model.decoder.levels[0][0]
+    if upsample == "transpose":
+        assert up.stride == (1, 2, 2)
+    else:  # nearest doubling of H and W only, then a stride-1 conv
+        assert tuple(up[0].scale_factor) == (1.0, 2.0, 2.0) and up[1].stride == (1, 1, 1)
 
 
 def test_bad_shapes_and_factors_are_user_errors():
@@ -212,3 +217,35 @@ def test_ddp_ranks_hold_identical_all_reduced_codebooks(tmp_path):
         assert torch.equal(r0[key], r1[key]), key
     # 3 steps, decay 0.8, 2 ranks x 24 vectors a step: sum = 16 * 0.8^3 + 48 * 0.2 * (0.8^2 + 0.8 + 1)
     assert r0["cluster_size0.0"].sum().item() == pytest.approx(16 * 0.512 + 48 * 0.2 * 2.44, rel=1e-5)
+
+
+@pytest.mark.parametrize("downsample", [(4, 4, 4), (1, 4, 4), (2, 4, 4)])
+def test_nearest_conv_decoder_keeps_shapes_and_has_no_transposed_convs(downsample):
+    cfg = VQGANConfig(channels=4, downsample=downsample, embedding_dim=4, n_codes=16, upsample="nearest_conv",
+                      decoder_tanh=True)
+    model = VQGAN(cfg)
+    x = torch.rand(1, 1, 8, 16, 16) * 2 - 1
+    y, _ = model(x)
+    assert y.shape == x.shape
+    assert y.abs().max() < 1  # the final tanh
+    assert not any(isinstance(m, torch.nn.ConvTranspose3d) for m in model.modules())
+
+
+@pytest.mark.parametrize("upsample,uniform", [("nearest_conv", True), ("transpose", False)])
+def test_constant_latent_decodes_to_a_uniform_interior_only_without_transposed_convs(upsample, uniform):
+    """Nearest doubling + 3x3x3 convs map a constant latent to a constant volume away from the zero-padded
+    border; stride-2 transposed 4x4x4 convs give a periodic (checkerboard) pattern everywhere."""
+    from medlsdm.autoencoder.vqgan import Decoder
+
+    torch.manual_seed(0)
+    dec = Decoder(4, (4, 4, 4), upsample=upsample).eval()
+    with torch.no_grad():
+        out = dec(torch.full((1, dec.in_channels, 12, 12, 12), 0.3))[0, 0, 20:28, 20:28, 20:28]
+    assert (float(out.std()) < 1e-5) == uniform
+
+
+def test_unknown_upsample_is_a_user_error():
+    from medlsdm.config import config_from_dict
+
+    with pytest.raises(UserError, match="vqgan.upsample"):
+        config_from_dict({"base": "tiny", "vqgan": {"upsample": "pixelshuffle"}})

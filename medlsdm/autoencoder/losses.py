@@ -4,6 +4,9 @@ The generator (autoencoder) loss is
     l1_weight * L1 + perceptual_weight * LPIPS + commitment (+ codebook)
     + [step >= disc_start_step] * (lambda * (image_gan_weight * G_2d + volume_gan_weight * G_3d)
                                    + feature_match_weight * feature matching),
+feature matching being the L1 between the discriminators' features of real and reconstruction, averaged
+(``feature_match_reduction: mean``) or summed (``sum``, the authors' code) over the layers; the paper's text
+has no feature matching (``feature_match_weight: 0``).
 with lambda the adaptive weight of eq. 7, measured at the decoder's last layer. The 2D discriminator
 sees one random slice per volume (the same index for real and reconstruction), the 3D one whole volumes.
 
@@ -13,7 +16,7 @@ Gradients of the generator loss also reach the discriminators' parameters; the t
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -32,20 +35,40 @@ def vanilla_d_loss(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
     return 0.5 * (F.softplus(-real).mean() + F.softplus(fake).mean())
 
 
-def _feature_matching(fake: list[torch.Tensor], real: list[torch.Tensor]) -> torch.Tensor:
-    """Mean L1 distance between the discriminator's intermediate features of fake and (detached) real."""
-    return torch.stack([F.l1_loss(f, r.detach()) for f, r in zip(fake, real)]).mean()
+def feature_matching(fake: list[torch.Tensor], real: list[torch.Tensor], reduction: str = "mean") -> torch.Tensor:
+    """L1 distance between a discriminator's intermediate features (each (B, C_l, ...)) of fake and (detached)
+    real, averaged within each layer, then the ``mean`` (this project's default) or ``sum`` (the authors'
+    code) over the layers."""
+    per_layer = torch.stack([F.l1_loss(f, r.detach()) for f, r in zip(fake, real)])
+    if reduction == "mean":
+        return per_layer.mean()
+    if reduction == "sum":
+        return per_layer.sum()
+    raise ValueError(f"feature matching reduction must be 'mean' or 'sum', got {reduction!r}")
 
 
 class VQGANLoss(nn.Module):
     """Generator and discriminator losses for stage 1; ``perceptual`` comes from ``build_perceptual``."""
 
-    def __init__(self, cfg: VQGANConfig, perceptual: Optional[nn.Module] = None):
+    def __init__(self, cfg: VQGANConfig, perceptual: Optional[nn.Module] = None,
+                 window: Optional[Callable[[torch.Tensor], tuple[float, float]]] = None):
+        """``window(x) -> (lo, hi)``: the display window of a batch (normalised units) for the window L1 term
+        (``cfg.window_l1_weight``), e.g. ``lambda x: medlsdm.data.display.display_window(data_cfg, x)``."""
         super().__init__()
         if cfg.gan_loss not in ("hinge", "vanilla"):
             raise ValueError(f"gan_loss must be 'hinge' or 'vanilla', got {cfg.gan_loss!r}")
+        if cfg.window_l1_weight > 0 and window is None:
+            raise ValueError("vqgan.window_l1_weight > 0 needs the display window")
         self.cfg = cfg
         self.perceptual = perceptual
+        self.window = window
+
+    def window_l1(self, x: torch.Tensor, x_rec: torch.Tensor) -> torch.Tensor:
+        """L1 between x and x_rec (B, 1, D, H, W) both clamped to the display window and scaled so that the
+        window spans 2 units (as [-1, 1] does): soft tissue weighs as much as the air/body edge. Where x_rec
+        has left the window the term has no gradient; the full-range L1 pulls it back."""
+        lo, hi = self.window(x)
+        return (x_rec.clamp(lo, hi) - x.clamp(lo, hi)).abs().mean() * (2.0 / (hi - lo))
 
     def gan_active(self, step: int) -> bool:
         return step >= self.cfg.disc_start_step
@@ -91,7 +114,8 @@ class VQGANLoss(nn.Module):
         perceptual = x.new_zeros((), dtype=torch.float32)
         if self.perceptual is not None and cfg.perceptual_weight > 0:
             perceptual = self.perceptual(x, x_rec)
-        rec_loss = cfg.l1_weight * l1 + cfg.perceptual_weight * perceptual
+        l1_win = self.window_l1(x, x_rec) if cfg.window_l1_weight > 0 else x.new_zeros((), dtype=torch.float32)
+        rec_loss = cfg.l1_weight * l1 + cfg.window_l1_weight * l1_win + cfg.perceptual_weight * perceptual
         loss = rec_loss + vq_out.commitment_loss + vq_out.codebook_loss
         zero = x.new_zeros((), dtype=torch.float32)
         g2d = g3d = g_gan = fm = weight = zero
@@ -107,12 +131,14 @@ class VQGANLoss(nn.Module):
                 with torch.no_grad():
                     feats_real2d = disc2d(real2d)[1]
                     feats_real3d = disc3d(x)[1]
-                fm = cfg.image_gan_weight * _feature_matching(feats_fake2d, feats_real2d)
-                fm = fm + cfg.volume_gan_weight * _feature_matching(feats_fake3d, feats_real3d)
+                red = cfg.feature_match_reduction
+                fm = cfg.image_gan_weight * feature_matching(feats_fake2d, feats_real2d, red)
+                fm = fm + cfg.volume_gan_weight * feature_matching(feats_fake3d, feats_real3d, red)
                 loss = loss + cfg.feature_match_weight * fm
         logs = {
             "loss": loss,
             "l1": l1,
+            "l1_window": l1_win,
             "perceptual": perceptual,
             "rec_loss": rec_loss,
             "commitment": vq_out.commitment_loss,

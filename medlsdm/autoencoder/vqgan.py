@@ -3,7 +3,9 @@
 Layout follows the paper's code (TATS / medicaldiffusion ``vq_gan_3d``): a 3x3x3 input conv, one level
 per factor of two (a strided 4x4x4 conv followed by residual blocks, channels doubling), GroupNorm + SiLU,
 then 1x1x1 convs into and out of the E-dimensional code space; the decoder mirrors it with transposed
-convs and one more residual block per level. An axis whose factor is already reached is not strided at
+convs (or, with ``vqgan.upsample: nearest_conv``, nearest-neighbour doubling + 3x3x3 convs) and one more
+residual block per level (optionally a final tanh, ``vqgan.decoder_tanh``). An axis whose factor is already
+reached is not strided at
 the remaining levels (kernel 3, stride 1 on that axis), so per-axis factors such as (1, 4, 4) work.
 
 With the ``paper`` preset (channels 16, downsample (4, 4, 4), E 8) the encoder has 441,568 parameters and
@@ -37,8 +39,15 @@ def _level_strides(downsample: tuple[int, int, int]) -> list[tuple[int, int, int
     return [tuple(2 if lvl < n else 1 for n in logs) for lvl in range(max(logs))]  # type: ignore[misc]
 
 
-def _resample_conv(cin: int, cout: int, stride: tuple[int, int, int], transpose: bool) -> nn.Module:
-    """Halve (or double, when ``transpose``) the strided axes exactly; stride-1 axes keep their size."""
+def _resample_conv(cin: int, cout: int, stride: tuple[int, int, int], transpose: bool, nearest: bool = False
+                   ) -> nn.Module:
+    """Halve (or double, when ``transpose``) the strided axes exactly; stride-1 axes keep their size.
+
+    ``nearest`` (with ``transpose``): nearest-neighbour doubling then a 3x3x3 conv instead of a transposed
+    conv, whose 4x4x4 kernels overlap unevenly at stride 2 and start training as a checkerboard."""
+    if transpose and nearest:
+        return nn.Sequential(nn.Upsample(scale_factor=tuple(float(s) for s in stride), mode="nearest"),
+                             nn.Conv3d(cin, cout, 3, padding=1))
     kernel = tuple(4 if s == 2 else 3 for s in stride)
     conv = nn.ConvTranspose3d if transpose else nn.Conv3d
     return conv(cin, cout, kernel, stride=stride, padding=1)
@@ -71,8 +80,12 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """features (B, channels * 2**L, d, h, w) -> x (B, out_channels, d*fd, h*fh, w*fw)."""
 
-    def __init__(self, channels: int, downsample: tuple[int, int, int], out_channels: int = 1, num_res_blocks: int = 1):
+    def __init__(self, channels: int, downsample: tuple[int, int, int], out_channels: int = 1, num_res_blocks: int = 1,
+                 upsample: str = "transpose", tanh: bool = False):
         super().__init__()
+        if upsample not in ("transpose", "nearest_conv"):
+            raise ValueError(f"upsample must be 'transpose' or 'nearest_conv', got {upsample!r}")
+        self.tanh = tanh
         strides = _level_strides(downsample)[::-1]
         ch = channels * 2 ** len(strides)
         self.in_channels = ch
@@ -80,7 +93,7 @@ class Decoder(nn.Module):
         self.levels = nn.ModuleList()
         for i, stride in enumerate(strides):
             cout = ch if i == 0 else ch // 2  # as in the paper's code: the first level keeps its width
-            level = nn.Sequential(_resample_conv(ch, cout, stride, transpose=True))
+            level = nn.Sequential(_resample_conv(ch, cout, stride, transpose=True, nearest=upsample == "nearest_conv"))
             ch = cout
             for _ in range(num_res_blocks + 1):
                 level.append(AEKLResBlock(3, ch, _groups(ch), 1e-6, ch))
@@ -91,7 +104,8 @@ class Decoder(nn.Module):
         h = nn.functional.silu(self.norm_in(z))
         for level in self.levels:
             h = level(h)
-        return self.conv_out(h)
+        out = self.conv_out(h)
+        return torch.tanh(out) if self.tanh else out
 
 
 class VQGAN(nn.Module):
@@ -113,7 +127,8 @@ class VQGAN(nn.Module):
             chunk=cfg.quantize_chunk,
         )
         self.post_quant = nn.Conv3d(cfg.embedding_dim, self.encoder.out_channels, 1)
-        self.decoder = Decoder(cfg.channels, self.downsample, in_channels, cfg.num_res_blocks)
+        self.decoder = Decoder(cfg.channels, self.downsample, in_channels, cfg.num_res_blocks, cfg.upsample,
+                               cfg.decoder_tanh)
 
     def latent_shape(self, shape: tuple[int, int, int]) -> tuple[int, int, int]:
         """Latent (d, h, w) for a volume (D, H, W); a shape the factors do not divide is a UserError."""

@@ -8,8 +8,11 @@ textured tissue, noise, partial-volume blur and, for MR, a smooth multiplicative
 
 Axes: arrays are (D, H, W) with D -> superior, H -> anterior and W -> the patient's right, so the
 NIfTI files (stored as X, Y, Z = W, H, D) carry a plain RAS affine. The anatomy is defined in
-continuous coordinates over a fixed field of view (:data:`FOV_MM`), so a seed gives the same label
-map for CT and MR and, up to resolution, at every shape; voxel spacing follows from the shape.
+continuous coordinates, so a seed gives the same label map for CT and MR and, up to resolution, at every
+shape. By default the grid covers the nominal field of view (:data:`FOV_MM`, the whole abdomen) and the
+voxel spacing follows from the shape; with ``spacing`` (and ``centre``) it is a region of that size at that
+voxel size, e.g. :data:`PAPER_SPACING` (the paper's AutoPET voxels) around :data:`ROI_CENTRE_MM`: the paper's
+scale of structures at a fraction of its volume size (the demo and the benchmarks use that).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import nibabel as nib
 import numpy as np
@@ -37,6 +41,10 @@ PHANTOM_LABELS = ["background", "body", "liver", "kidney", "spine", "lesion"]
 BACKGROUND, BODY, LIVER, KIDNEY, SPINE, LESION = range(6)
 MODALITIES = ("ct", "mr")
 FOV_MM = (96.0, 384.0, 384.0)  # nominal field of view (D, H, W); a volume of shape s has spacing FOV_MM / s
+PAPER_SPACING = (3.0, 2.0, 2.0)  # (D, H, W) mm: AutoPET's voxel size (paper Table 1)
+# (D, H, W) = (superior, anterior, patient's right) mm: a region around the right kidney, the spine, the great
+# vessels and the liver with its lesions, so that a 16 x 64 x 64 volume at PAPER_SPACING holds every class
+ROI_CENTRE_MM = (0.0, -10.0, 20.0)
 
 # tissue: (CT mean range in HU, CT texture std), (MR mean range, MR texture std); MR is T1-like
 _TISSUES = {
@@ -61,8 +69,16 @@ _TISSUES = {
 _T = {name: i for i, name in enumerate(_TISSUES)}
 
 
-def phantom_spacing(seed: int, shape: tuple[int, int, int] = (16, 64, 64)) -> tuple[float, float, float]:
-    """Voxel size (D, H, W) in mm of subject ``seed``: the field of view over the shape, +-5% per subject."""
+def phantom_spacing(
+    seed: int, shape: tuple[int, int, int] = (16, 64, 64), spacing: Optional[tuple[float, float, float]] = None
+) -> tuple[float, float, float]:
+    """Voxel size (D, H, W) in mm of subject ``seed``: the field of view over the shape, +-5% per subject; or
+    exactly ``spacing`` when given (a scanner protocol's fixed voxel size: a model preset that resamples to it,
+    such as ``tiny``, then neither interpolates nor pads the region)."""
+    if spacing is not None:
+        if len(spacing) != 3 or min(spacing) <= 0:
+            raise UserError(f"phantom: spacing must be three positive sizes (D, H, W) in mm, got {tuple(spacing)}")
+        return tuple(float(s) for s in spacing)
     rng = np.random.default_rng(_streams(seed)[3])
     return tuple(float(f / s * rng.uniform(0.95, 1.05)) for f, s in zip(FOV_MM, shape))
 
@@ -104,10 +120,12 @@ def _unit_noise(rng: np.random.Generator, shape: tuple[int, int, int], sigma: fl
     return n / n.std().clamp_min(1e-6)
 
 
-def _grid(shape: tuple[int, int, int], spacing: tuple[float, ...]) -> tuple[torch.Tensor, ...]:
-    """Voxel-centre coordinates in UNIT_MM units: z (D, 1, 1), y (1, H, 1), x (1, 1, W)."""
+def _grid(
+    shape: tuple[int, int, int], spacing: tuple[float, ...], centre: tuple[float, ...] = (0.0, 0.0, 0.0)
+) -> tuple[torch.Tensor, ...]:
+    """Voxel-centre coordinates in UNIT_MM units around ``centre`` (mm): z (D, 1, 1), y (1, H, 1), x (1, 1, W)."""
     views = [(-1, 1, 1), (1, -1, 1), (1, 1, -1)]
-    axes = ((torch.arange(n) + 0.5 - n / 2) * (s / UNIT_MM) for n, s in zip(shape, spacing))
+    axes = (((torch.arange(n) + 0.5 - n / 2) * s + c) / UNIT_MM for n, s, c in zip(shape, spacing, centre))
     return tuple(a.float().view(v) for a, v in zip(axes, views))
 
 
@@ -158,7 +176,8 @@ def _segment(a: Anatomy, z: torch.Tensor, y: torch.Tensor, x: torch.Tensor, lesi
 
 
 def generate_phantom(
-    seed: int, shape: tuple[int, int, int] = (16, 64, 64), modality: str = "ct", *, mr_bias: float = 0.3
+    seed: int, shape: tuple[int, int, int] = (16, 64, 64), modality: str = "ct", *, mr_bias: float = 0.3,
+    spacing: Optional[tuple[float, float, float]] = None, centre: tuple[float, float, float] = (0.0, 0.0, 0.0),
 ) -> tuple[np.ndarray, np.ndarray]:
     """One phantom subject.
 
@@ -168,18 +187,21 @@ def generate_phantom(
         shape: (D, H, W) of the output.
         modality: ``"ct"`` (Hounsfield units) or ``"mr"`` (T1-like, positive arbitrary units).
         mr_bias: log-amplitude of the smooth multiplicative MR bias field (0 disables it).
+        spacing: voxel size (D, H, W) in mm; None: the field of view over ``shape`` (+-5% per subject).
+        centre: (D, H, W) = (superior, anterior, right) position in mm of the volume's centre.
 
     Returns:
         image: float32 (D, H, W); label: uint8 (D, H, W) with values in 0..5 (:data:`PHANTOM_LABELS`).
     """
     shape = _check(shape, modality)
     with _single_thread():
-        return _generate(seed, shape, modality, mr_bias)
+        return _generate(seed, shape, modality, mr_bias, phantom_spacing(seed, shape, spacing), centre)
 
 
-def _generate(seed: int, shape: tuple[int, int, int], modality: str, mr_bias: float) -> tuple[np.ndarray, np.ndarray]:
+def _generate(seed: int, shape: tuple[int, int, int], modality: str, mr_bias: float, spacing: tuple[float, ...],
+              centre: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
     anat, look, noise = (np.random.default_rng(s) for s in _streams(seed)[:3])
-    z, y, x = _grid(shape, phantom_spacing(seed, shape))
+    z, y, x = _grid(shape, spacing, centre)
     a = Anatomy(anat)
     col = 0 if modality == "ct" else 2
     lesion_kind = "lesion_hyper" if look.random() < 0.4 else "lesion_hypo"
@@ -204,11 +226,13 @@ def _generate(seed: int, shape: tuple[int, int, int], modality: str, mr_bias: fl
     return image.numpy().astype(np.float32), label.numpy()
 
 
-def phantom_affine(spacing: tuple[float, float, float], shape: tuple[int, int, int]) -> np.ndarray:
-    """RAS affine for an array stored as (X, Y, Z) = (W, H, D), centred on the origin."""
+def phantom_affine(
+    spacing: tuple[float, float, float], shape: tuple[int, int, int], centre: tuple[float, float, float] = (0, 0, 0)
+) -> np.ndarray:
+    """RAS affine for an array stored as (X, Y, Z) = (W, H, D), centred on ``centre`` ((D, H, W) mm)."""
     sd, sh, sw = spacing
     affine = np.diag([sw, sh, sd, 1.0])
-    affine[:3, 3] = [-(n - 1) / 2 * s for n, s in zip(shape[::-1], (sw, sh, sd))]
+    affine[:3, 3] = [c - (n - 1) / 2 * s for n, s, c in zip(shape[::-1], (sw, sh, sd), centre[::-1])]
     return affine
 
 
@@ -231,12 +255,15 @@ def write_phantom_dataset(
     test_fraction: float = 0.2,
     progress: bool = True,
     overwrite: bool = False,
+    spacing: Optional[tuple[float, float, float]] = None,
+    centre: tuple[float, float, float] = (0.0, 0.0, 0.0),
 ) -> Path:
     """Write ``n`` phantom subjects in the nnU-Net v2 raw layout and return the data set folder.
 
     ``imagesTr/phantom_NNN_0000.nii.gz`` + ``labelsTr/phantom_NNN.nii.gz`` for training and the last
     ``round(n * test_fraction)`` cases (at least 1 when ``n >= 2`` and ``test_fraction > 0``) in
     ``imagesTs`` / ``labelsTs``, plus ``dataset.json``. Case ``i`` uses subject seed ``seed * 100003 + i``.
+    ``spacing`` / ``centre``: as in :func:`generate_phantom` (a region at that voxel size).
     A folder that already holds files is refused unless ``overwrite`` (then its phantom files are replaced).
     The data set is built in a hidden sibling folder and moved into place when complete, so an
     interrupted run leaves no half-written data set behind.
@@ -256,7 +283,7 @@ def write_phantom_dataset(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the data set is an ordinary folder
     try:
-        _write_cases(tmp, n, modality, shape, seed, test_fraction, progress)
+        _write_cases(tmp, n, modality, shape, seed, test_fraction, progress, spacing, tuple(centre))
         _publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -264,13 +291,14 @@ def write_phantom_dataset(
 
 
 def _write_cases(
-    out: Path, n: int, modality: str, shape: tuple[int, int, int], seed: int, test_fraction: float, progress: bool
+    out: Path, n: int, modality: str, shape: tuple[int, int, int], seed: int, test_fraction: float, progress: bool,
+    spacing: Optional[tuple[float, float, float]], centre: tuple[float, float, float],
 ) -> None:
     n_test = min(max(round(n * test_fraction), 1 if n >= 2 and test_fraction > 0 else 0), n - 1)
     for i in tqdm(range(n), desc=f"phantoms ({modality})", disable=not progress):
         case_seed = seed * 100003 + i
-        image, label = generate_phantom(case_seed, shape, modality)
-        affine = phantom_affine(phantom_spacing(case_seed, shape), shape)
+        image, label = generate_phantom(case_seed, shape, modality, spacing=spacing, centre=centre)
+        affine = phantom_affine(phantom_spacing(case_seed, shape, spacing), shape, centre)
         split = "Ts" if i >= n - n_test else "Tr"
         if modality == "ct":  # CT is stored as integer HU, as scanners do
             image = np.round(image).astype(np.int16)
@@ -285,7 +313,9 @@ def _write_cases(
         "numTraining": n - n_test,
         "numTest": n_test,
         "file_ending": ".nii.gz",
-        "medlsdm_phantom": {"seed": seed, "case_seed": "seed * 100003 + case index", "shape_dhw": list(shape)},
+        "medlsdm_phantom": {"seed": seed, "case_seed": "seed * 100003 + case index", "shape_dhw": list(shape),
+                            "spacing_dhw_mm": list(spacing) if spacing is not None else "field of view / shape",
+                            "centre_dhw_mm": list(centre)},
     }
     atomic_write_text(out / "dataset.json", json.dumps(meta, indent=2) + "\n")
 

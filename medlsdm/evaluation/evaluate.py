@@ -16,9 +16,11 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from medlsdm.config import Config, load_config
+from medlsdm.data.display import display_window
 from medlsdm.errors import UserError
 from medlsdm.evaluation import metrics as M
 from medlsdm.evaluation.features import DomainFeatures, FeatureExtractor, fid_2d, fid_3d, load_extractor
+from medlsdm.evaluation.fidelity import fidelity
 from medlsdm.evaluation.pairing import VolumeSet, load_cases, load_real, load_synthetic, real_cases
 from medlsdm.evaluation.privacy import privacy_audit
 from medlsdm.evaluation.report import write_report
@@ -155,6 +157,9 @@ def evaluate(
         pairs={s: real_set.ids[i] for s, i in zip(synth_set.ids, partner)},
     ), "notes": []}
     metrics["paired"] = paired_metrics(real_set, synth_set, partner, cfg, with_lpips=lpips)
+    metrics["fidelity"] = fidelity([synth_set.images[j] for j in range(len(partner))],
+                                   [real_set.images[i] for i in partner],
+                                   [real_set.labels[i] for i in partner] if real_set.labelled else None, cfg.data)
     metrics["inter_slice"] = M.inter_slice_consistency(real_set.images, synth_set.images)
     changes = (M.adjacent_slice_changes(real_set.images).float(), M.adjacent_slice_changes(synth_set.images).float())
 
@@ -186,7 +191,8 @@ def evaluate(
         if keep:
             ex = extractors[kinds[0]]
             metrics["privacy"] = privacy_audit(train_set, real_set.subset(keep), synth_set, volume_features(ex),
-                                               kinds[0], out / "figures", spacing=real_set.spacing)
+                                               kinds[0], out / "figures", spacing=real_set.spacing,
+                                               window=display_window(cfg.data, real_set.images[0]))
     metrics = jsonable(metrics)
     write_report(out, metrics, real_set, synth_set, partner, cfg, slice_changes=changes)
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")

@@ -58,16 +58,18 @@ def _ssim_window(x: torch.Tensor) -> int:
     return min(11, side if side % 2 else side - 1)
 
 
-def ssim(a: Volumes, b: Volumes) -> float:
-    """Mean 3D SSIM over the batch (MONAI, Gaussian window 11 or smaller for tiny volumes, data range 2)."""
+def ssim(a: Volumes, b: Volumes, data_range: float = DATA_RANGE) -> float:
+    """Mean 3D SSIM over the batch (MONAI, Gaussian window 11 or smaller for tiny volumes; data range 2 for
+    the [-1, 1] scale, 1 for a display window scaled to [0, 1])."""
     a, b = as_batch(a), as_batch(b)
-    metric = SSIMMetric(spatial_dims=3, data_range=DATA_RANGE, win_size=_ssim_window(a))
+    metric = SSIMMetric(spatial_dims=3, data_range=data_range, win_size=_ssim_window(a))
     return float(metric(a, b).mean())
 
 
-def psnr(a: Volumes, b: Volumes) -> float:
-    """Mean PSNR in dB over the batch with peak value 2 (the [-1, 1] range); identical volumes give inf."""
-    return float(PSNRMetric(max_val=DATA_RANGE)(as_batch(a), as_batch(b)).mean())
+def psnr(a: Volumes, b: Volumes, data_range: float = DATA_RANGE) -> float:
+    """Mean PSNR in dB over the batch with peak value ``data_range`` (2: the [-1, 1] range); identical
+    volumes give inf."""
+    return float(PSNRMetric(max_val=data_range)(as_batch(a), as_batch(b)).mean())
 
 
 def rmse(a: Volumes, b: Volumes) -> float:
@@ -219,6 +221,19 @@ def class_medians(volume: torch.Tensor, label: torch.Tensor, num_classes: int) -
                         for c in range(num_classes)])
 
 
+def class_median_errors(synthetic: torch.Tensor, real: torch.Tensor, label: torch.Tensor, num_classes: int,
+                        region: Optional[torch.Tensor] = None, min_voxels: int = 20) -> torch.Tensor:
+    """(C,) |median_syn - median_real| of each class of ``label`` (in the volumes' units), NaN for a class
+    absent (or, within ``region``, with fewer than ``min_voxels`` voxels there)."""
+    if region is not None:
+        label = torch.where(region.reshape(label.shape).bool(), label.long(), torch.full_like(label.long(), -1))
+    counts = torch.bincount(label.flatten().long().clamp_min(-1) + 1, minlength=num_classes + 1)[1:]
+    ms, mr = class_medians(synthetic, label, num_classes), class_medians(real, label, num_classes)
+    err = (ms - mr).abs()
+    err[counts < (min_voxels if region is not None else 1)] = float("nan")
+    return err
+
+
 def class_intensity_error(synthetic: torch.Tensor, real: torch.Tensor, label: torch.Tensor,
                           num_classes: int, region: Optional[torch.Tensor] = None, min_voxels: int = 20) -> float:
     """Label-following score: mean over the classes present of |median_syn - median_real| divided by the
@@ -230,14 +245,11 @@ def class_intensity_error(synthetic: torch.Tensor, real: torch.Tensor, label: to
     with and without a region share one unit. NaN when no class is left."""
     spread_medians = class_medians(real, label, num_classes)
     spread = spread_medians[~torch.isnan(spread_medians)].std().clamp_min(1e-6)
-    if region is not None:
-        label = torch.where(region.reshape(label.shape).bool(), label.long(), torch.full_like(label.long(), -1))
-    counts = torch.bincount(label.flatten().long().clamp_min(-1) + 1, minlength=num_classes + 1)[1:]
-    ms, mr = class_medians(synthetic, label, num_classes), class_medians(real, label, num_classes)
-    present = ~torch.isnan(mr) & (counts >= (min_voxels if region is not None else 1))
+    err = class_median_errors(synthetic, real, label, num_classes, region, min_voxels)
+    present = ~torch.isnan(err)
     if not bool(present.any()):
         return float("nan")
-    return float(((ms[present] - mr[present]).abs() / spread).mean())
+    return float((err[present] / spread).mean())
 
 
 def label_following(synthetic: Sequence[torch.Tensor], real: Sequence[torch.Tensor], labels: Sequence[torch.Tensor],
@@ -249,20 +261,28 @@ def label_following(synthetic: Sequence[torch.Tensor], real: Sequence[torch.Tens
     (elsewhere any volume of the right anatomy would match): ``matched`` is the class error of synthetic i
     against real i there, ``mismatched`` that of synthetic j (made for the other label map) against real i
     there. A model that ignores its label map scores the same on both; one that follows it is far better
-    on ``matched``. ``overall`` is the plain class error of synthetic i against real i on all voxels."""
+    on ``matched``. ``overall`` is the plain class error of synthetic i against real i on all voxels.
+
+    ``per_class``: ``{"matched": [C], "mismatched": [C]}``, each class's |median difference| in the volumes'
+    own units (pass HU volumes to read HU) where the maps disagree, averaged over the cases where that class
+    has >= 20 voxels there (NaN if none): small classes are not averaged away into the mean."""
     n = len(synthetic)
     if n < 2:
         raise ValueError("label_following needs at least two cases")
     overall, matched, mismatched = [], [], []
+    per_class: dict[str, list[torch.Tensor]] = {"matched": [], "mismatched": []}
     for i in range(n):
         j = (i + 1) % n
         region = labels[i] != labels[j]
         overall.append(class_intensity_error(synthetic[i], real[i], labels[i], num_classes))
         matched.append(class_intensity_error(synthetic[i], real[i], labels[i], num_classes, region))
         mismatched.append(class_intensity_error(synthetic[j], real[i], labels[i], num_classes, region))
+        per_class["matched"].append(class_median_errors(synthetic[i], real[i], labels[i], num_classes, region))
+        per_class["mismatched"].append(class_median_errors(synthetic[j], real[i], labels[i], num_classes, region))
 
     def mean(values: list[float]) -> float:
         kept = [v for v in values if v == v]
         return sum(kept) / len(kept) if kept else float("nan")
 
-    return {"overall": mean(overall), "matched": mean(matched), "mismatched": mean(mismatched)}
+    return {"overall": mean(overall), "matched": mean(matched), "mismatched": mean(mismatched),
+            "per_class": {k: torch.stack(v).nanmean(0).tolist() for k, v in per_class.items()}}

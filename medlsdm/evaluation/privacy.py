@@ -87,6 +87,7 @@ def privacy_audit(
     train_vols: Named, heldout_real_vols: Named, synthetic_vols: Named,
     extractor: Optional[Callable[[Tensor], Tensor]] = None, extractor_name: str = "features",
     out_dir: Optional[Path] = None, top_k: int = 3, spacing: Optional[Sequence[float]] = None,
+    window: tuple[float, float] = (-1.0, 1.0),
 ) -> dict:
     """Nearest-training-neighbour audit of synthetic volumes against real held-out ones.
 
@@ -94,6 +95,7 @@ def privacy_audit(
         train_vols / heldout_real_vols / synthetic_vols: a :class:`VolumeSet` or ``{id: (1, D, H, W)}``.
         extractor: optional ``(B, 1, D, H, W) -> (B, F)`` feature function; adds a feature-space audit.
         out_dir: where to save ``privacy_closest_pairs.png`` (the ``top_k`` closest synthetic/train pairs).
+        window: grey window of that figure in normalised units (``medlsdm.data.display.display_window``).
 
     Returns a dict: ``image`` (and ``feature``) with the threshold, ``fraction_below`` (share of
     synthetic volumes nearer to a training scan than the 5th percentile of real held-out distances),
@@ -120,12 +122,13 @@ def privacy_audit(
     out["figures"] = []
     if out_dir is not None:
         out["figures"].append(str(save_closest_pairs(Path(out_dir) / "privacy_closest_pairs.png", out, train_ids,
-                                                     train, synth_ids, synth, spacing)))
+                                                     train, synth_ids, synth, spacing, window)))
     return out
 
 
 def save_closest_pairs(path: Path, audit: dict, train_ids: list[str], train: list[Tensor], synth_ids: list[str],
-                       synth: list[Tensor], spacing: Optional[Sequence[float]] = None) -> Path:
+                       synth: list[Tensor], spacing: Optional[Sequence[float]] = None,
+                       window: tuple[float, float] = (-1.0, 1.0)) -> Path:
     """Three-plane views of each closest (training scan, synthetic volume) pair, side by side."""
     from medlsdm.viz import montage
 
@@ -134,5 +137,5 @@ def save_closest_pairs(path: Path, audit: dict, train_ids: list[str], train: lis
     rows = [(f"{p['synthetic']}\nvs train {p['train']}\nd={p['distance']:.3f}", tr[p["train"]], sy[p["synthetic"]])
             for p in audit["closest_pairs"]]
     title = f"nearest training scan (left) of the closest synthetic volumes (right); flag threshold d < {threshold:.3f}"
-    path = montage(path, rows, spacing=spacing, title=title)
+    path = montage(path, rows, spacing=spacing, title=title, vmin=window[0], vmax=window[1])
     return path

@@ -17,7 +17,9 @@ import torch
 from matplotlib.figure import Figure
 
 from medlsdm.config import Config
+from medlsdm.data.display import describe_window, display_window
 from medlsdm.data.transforms import denormalize
+from medlsdm.evaluation.fidelity import markdown as fidelity_markdown
 from medlsdm.evaluation.pairing import VolumeSet
 from medlsdm.io import atomic_path, atomic_write_text
 from medlsdm.viz import montage
@@ -49,14 +51,18 @@ def _table(header: Sequence[str], rows: Sequence[Sequence]) -> list[str]:
 # --------------------------------------------------------------------------------------------- figures
 
 
-def montage_figure(path: Path, real: VolumeSet, synthetic: VolumeSet, partner: Sequence[int], n: int = 4) -> str:
-    """Real and synthetic three-plane views of up to ``n`` label maps (the first sample of each)."""
+def montage_figure(path: Path, real: VolumeSet, synthetic: VolumeSet, partner: Sequence[int], cfg: Config,
+                   n: int = 4) -> str:
+    """Real and synthetic three-plane views of up to ``n`` label maps (the first sample of each), in the
+    display window (``medlsdm.data.display``)."""
     rows, seen = [], set()
     for j, i in enumerate(partner):
         if i not in seen and len(rows) < n:
             seen.add(i)
             rows.append((real.ids[i], real.images[i], synthetic.images[j]))
-    montage(path, rows, spacing=real.spacing, title="real (left) vs synthetic (right) for the same label map")
+    lo, hi = display_window(cfg.data, rows[0][1])
+    montage(path, rows, spacing=real.spacing, vmin=lo, vmax=hi,
+            title=f"real (left) vs synthetic (right) for the same label map; {describe_window(cfg.data)}")
     return path.name
 
 
@@ -261,7 +267,14 @@ def write_report(out: Path, metrics: dict, real: VolumeSet, synthetic: VolumeSet
           f"({inp['n_synthetic']} volumes){train}. Config `{inp['config']}`, volumes preprocessed to (D, H, W) "
           f"{tuple(inp['shape'])}.", ""]
     md += ["## Real vs synthetic", "",
-           *link("real vs synthetic", montage_figure(fig("montage.png"), real, synthetic, partner))]
+           *link("real vs synthetic", montage_figure(fig("montage.png"), real, synthetic, partner, cfg))]
+    if "fidelity" in metrics:
+        f = metrics["fidelity"]
+        md += ["## Where the anatomy is: display window, per class, grid artefacts", "",
+               f"Paired metrics in the {f['window']} (both volumes clamped to it) and over the full range; median "
+               f"intensity of each labelled class ({f['unit']}, voxels pooled over all pairs); the grid-artifact ratio "
+               "compares the periodic 4- and 2-voxel structure of the synthetic volumes with the real ones.", "",
+               *fidelity_markdown(f), ""]
     if "paired" in metrics:
         md += _paired_section(metrics["paired"])
         md += link("paired metrics", paired_figure(fig("paired_metrics.png"), metrics["paired"]))

@@ -13,6 +13,9 @@ Run directory::
     RUN_DIR/previews/*.png               validation previews
     RUN_DIR/checkpoints/step_000200/     <module>.safetensors, state.pt, rng_rank<r>.pt
     RUN_DIR/checkpoints/latest           name of the newest complete checkpoint
+    RUN_DIR/best/step_000400/            <module>.safetensors: the weights with the best validation
+    RUN_DIR/best/best.json               ``train.keep_best`` metric so far, and which folder holds them (only when
+                                         that is set; a new run without --resume starts a new record)
 """
 
 from __future__ import annotations
@@ -71,6 +74,7 @@ class Task(abc.ABC):
 
     name = "task"
     progress_keys: tuple[str, ...] = ("loss",)  # logged values shown on the progress bar
+    best_metrics: tuple[str, ...] = ()  # validation metrics (higher is better) that ``train.keep_best`` may name
 
     @abc.abstractmethod
     def modules(self) -> dict[str, nn.Module]:
@@ -155,6 +159,9 @@ class Trainer:
         self.wrapped = {k: self._wrap(m) for k, m in task.trainable().items()}
         self.optimizers = task.configure(dist.device, self.wrapped, train_cfg)
         self.step = 0
+        if train_cfg.keep_best is not None and train_cfg.keep_best not in task.best_metrics:
+            raise UserError(f"config: keep_best '{train_cfg.keep_best}' is not a validation metric of {task.name} to "
+                            f"maximise (choose from {', '.join(task.best_metrics) or 'none'}, or null)")
 
     def _wrap(self, module: nn.Module) -> nn.Module:
         if not self.dist.enabled:
@@ -233,6 +240,8 @@ class Trainer:
             self.load_checkpoint(ckpt)
         else:
             torch.manual_seed(self.cfg.seed * 1000 + self.dist.rank)
+            if self.dist.is_main:  # a new run keeps no best weights of an earlier one
+                shutil.rmtree(self.run_dir / "best", ignore_errors=True)
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.run_dir / "config.yaml")
@@ -305,8 +314,31 @@ class Trainer:
             for m in self.task.trainable().values():
                 m.train()
             self.logger.log(self.step, "val", metrics)
+            if self.tc.keep_best:
+                self._keep_if_best(metrics)
         self.dist.barrier()
         return metrics
+
+    def _keep_if_best(self, metrics: Mapping[str, float]) -> None:
+        """Keep the modules' weights in ``RUN_DIR/best/step_N/`` when ``metrics[keep_best]`` (finite) beats the
+        best value so far. The folder is complete before ``best/best.json`` (written atomically) points to it;
+        then older folders go: a crash at any point leaves the previous best usable."""
+        key, value = self.tc.keep_best, float(metrics[self.tc.keep_best])
+        root, record = self.run_dir / "best", self.run_dir / "best" / "best.json"
+        if not math.isfinite(value) or (record.is_file() and json.loads(record.read_text())["value"] >= value):
+            return
+        name = f"step_{self.step:07d}"
+        tmp = root / f".tmp_{name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for module_name, module in self.task.modules().items():
+            save_weights(module.state_dict(), tmp / f"{module_name}.safetensors", metadata={"step": str(self.step)})
+        shutil.rmtree(root / name, ignore_errors=True)
+        os.replace(tmp, root / name)
+        atomic_write_text(record, json.dumps({"metric": key, "value": value, "step": self.step, "folder": name}) + "\n")
+        for old in root.iterdir():
+            if old.is_dir() and old.name != name:
+                shutil.rmtree(old, ignore_errors=True)
 
     def _train_step(self, batches: Iterator[dict[str, Any]], accum: int) -> dict[str, float]:
         for opt in self.optimizers.values():

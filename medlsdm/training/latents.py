@@ -23,7 +23,7 @@ from medlsdm.data.dataset import VolumeDataset
 from medlsdm.data.layouts import find_cases
 from medlsdm.errors import UserError
 from medlsdm.io import file_sha256, load_weights, save_weights
-from medlsdm.runs import latest_weights, load_vqgan
+from medlsdm.runs import load_vqgan, selected_weights
 from medlsdm.training.distributed import resolve_device
 
 
@@ -51,7 +51,7 @@ def encode_dataset(vqgan_dir: Path, data: Path, out: Path, layout: str = "auto",
         stats.add(z[None])
         save_weights({"latent": z, "label": item["label"].to(torch.uint8)}, out / f"{item['id']}.safetensors")
     zmin, zmax = vqgan.codebook_range()
-    weights = latest_weights(vqgan_dir, "vqgan")
+    weights = selected_weights(vqgan_dir, "vqgan")
     mean, std = stats.result()
     LatentNormalizer(zmin, zmax, "codebook", mean, std).save(out / "stats.json", vqgan_run=str(Path(vqgan_dir).resolve()),
                                        vqgan_weights_sha256=file_sha256(weights), cases=len(dataset),

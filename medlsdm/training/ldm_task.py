@@ -71,6 +71,7 @@ class LDMTask(Task):
     @torch.no_grad()
     def validate(self, loader: Any, step: int, run_dir: Path) -> dict[str, float]:
         """Diffusion loss of the EMA model at fixed seeds; one DDIM sample of the first case as a preview."""
+        from medlsdm.data.display import display_window
         from medlsdm.viz import save_preview
 
         device = next(self.unet_ema.parameters()).device
@@ -91,6 +92,7 @@ class LDMTask(Task):
             if "image" in first:
                 views = {"real": first["image"][0, 0].cpu().numpy(), **views}
             name = "LDM" if self.vqgan is not None else self.cfg.ldm.method
-            save_preview(run_dir / "previews" / f"step_{step:07d}.png", views,
+            lo, hi = display_window(self.cfg.data, next(iter(views.values())))
+            save_preview(run_dir / "previews" / f"step_{step:07d}.png", views, vmin=lo, vmax=hi,
                          labels=first["label"][0, 0].cpu().numpy(), title=f"{name} step {step} (DDIM, EMA)")
         return metrics

@@ -23,7 +23,7 @@ from medlsdm.data.dataset import VolumeDataset, split_cases
 from medlsdm.data.layouts import find_cases
 from medlsdm.errors import UserError
 from medlsdm.io import atomic_write_text, file_sha256
-from medlsdm.runs import latest_weights, load_vqgan, run_config
+from medlsdm.runs import load_vqgan, run_config, selected_weights
 from medlsdm.training.distributed import DistContext, cleanup_distributed, init_distributed
 from medlsdm.training.engine import Trainer
 from medlsdm.training.latents import LatentDataset, encode_dataset, is_latents_dir
@@ -95,9 +95,12 @@ def train_vqgan(data: Path, config: Optional[str | Path], out: Path, layout: str
 def train_ldm(vqgan_dir: Optional[Path], data: Path, config: Optional[str | Path], out: Path, layout: str = "auto",
               label_dir: Optional[Path] = None, max_steps: Optional[int] = None, resume: bool = False,
               device: str = "auto", seed: Optional[int] = None, progress: bool = True,
-              max_minutes: Optional[float] = None, method: Optional[str] = None) -> Path:
+              max_minutes: Optional[float] = None, method: Optional[str] = None,
+              allow_vqgan_mismatch: bool = False) -> Path:
     """Train the latent semantic diffusion model on ``data`` (a latents folder or image/label pairs).
 
+    The VQ-GAN weights must be the ones the latents were encoded with and, on ``resume``, the ones the run
+    was started with (see :func:`check_vqgan_link`); ``allow_vqgan_mismatch`` turns both checks off.
     ``method`` slice2d / pixel3d (or no ``vqgan_dir``) trains a baseline instead: see
     :func:`medlsdm.training.baseline_task.train_baseline`.
     """
@@ -110,6 +113,7 @@ def train_ldm(vqgan_dir: Optional[Path], data: Path, config: Optional[str | Path
                               progress, max_minutes)
     out = Path(out)
     vq_cfg = run_config(vqgan_dir)
+    vqgan_sha = check_vqgan_link(Path(vqgan_dir), Path(data), out, resume, allow_vqgan_mismatch)
     cfg = _resolve(config if config is not None else Path(vqgan_dir) / "config.yaml", out, resume, seed)
     if method is None and cfg.ldm.method != "lsdm":
         raise UserError(f"config: ldm.method is '{cfg.ldm.method}', a baseline that trains without --vqgan "
@@ -146,13 +150,36 @@ def train_ldm(vqgan_dir: Optional[Path], data: Path, config: Optional[str | Path
             _copy_vqgan(Path(vqgan_dir), out)
             normalizer.save(out / "latent_stats.json")
             _write_run_info(out, dist, stage="ldm", train_cases=len(train_set), val_cases=len(val_set or []),
-                            vqgan_run=str(Path(vqgan_dir).resolve()))
+                            vqgan_run=str(Path(vqgan_dir).resolve()), vqgan_weights_sha256=vqgan_sha)
         dist.barrier()
         Trainer(task, cfg, cfg.train_ldm, out, train_set, val_set, dist, progress).fit(
             resume=resume, max_seconds=None if max_minutes is None else 60 * max_minutes)
     finally:
         cleanup_distributed()
     return out
+
+
+def check_vqgan_link(vqgan_dir: Path, data: Path, out: Path, resume: bool, allow_mismatch: bool = False) -> str:
+    """The short SHA-256 of the VQ-GAN weights ``vqgan_dir`` is used with (``runs.selected_weights``), after
+    checking it against the hash that a latents folder ``data`` recorded (``stats.json``) and, on ``resume``,
+    against the run's own copy ``out/vqgan/vqgan.safetensors``. A mismatch is a UserError unless ``allow_mismatch``."""
+    sha = file_sha256(selected_weights(vqgan_dir, "vqgan"))
+    if allow_mismatch:
+        return sha
+    hint = "or pass --allow-vqgan-mismatch if this is intended"
+    if is_latents_dir(data):
+        recorded = json.loads((data / "stats.json").read_text()).get("vqgan_weights_sha256")
+        if recorded != sha:
+            raise UserError(f"{data}: latents were encoded with VQ-GAN weights {recorded or '(not recorded)'}, "
+                            f"but --vqgan {vqgan_dir} has weights {sha}; re-run 'medlsdm encode' with this "
+                            f"VQ-GAN, {hint}")
+    copy = out / "vqgan" / "vqgan.safetensors"
+    if resume and copy.is_file():
+        used = file_sha256(copy)
+        if used != sha:
+            raise UserError(f"{out}: this run was started with VQ-GAN weights {used}, but --vqgan {vqgan_dir} "
+                            f"has weights {sha}; resume with the run's own VQ-GAN ({out / 'vqgan'}), {hint}")
+    return sha
 
 
 @torch.no_grad()
@@ -173,7 +200,7 @@ def _copy_vqgan(vqgan_dir: Path, out: Path) -> None:
     """Copy the frozen VQ-GAN (weights + config) into the LDM run so the run is usable on its own."""
     target = out / "vqgan"
     target.mkdir(parents=True, exist_ok=True)
-    weights = latest_weights(vqgan_dir, "vqgan")
+    weights = selected_weights(vqgan_dir, "vqgan")
     if not (target / "vqgan.safetensors").is_file() or file_sha256(target / "vqgan.safetensors") != file_sha256(weights):
         tmp = target / ".vqgan.safetensors.tmp"
         shutil.copyfile(weights, tmp)

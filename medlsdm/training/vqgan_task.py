@@ -1,7 +1,8 @@
 """Stage 1 specifics: the VQ-GAN, its two discriminators, two optimisers and validation.
 
-A training step computes the generator loss (reconstruction + perceptual + commitment + adaptive
-GAN terms) with the discriminators frozen, and the discriminator loss on detached reconstructions;
+A training step computes the generator loss (reconstruction: L1 over the full range and, with
+``vqgan.window_l1_weight``, inside the display window; perceptual; commitment; adaptive GAN terms) with the
+discriminators frozen, and the discriminator loss on detached reconstructions;
 the two graphs are disjoint, so the engine's single backward fills each optimiser's gradients.
 """
 
@@ -20,6 +21,7 @@ from medlsdm.autoencoder.losses import VQGANLoss
 from medlsdm.autoencoder.perceptual import build_perceptual
 from medlsdm.autoencoder.vqgan import VQGAN
 from medlsdm.config import Config, TrainConfig
+from medlsdm.data.display import display_window, to_window
 from medlsdm.training.engine import Task
 
 log = logging.getLogger("medlsdm")
@@ -48,6 +50,7 @@ class _Frozen:
 
 class VQGANTask(Task):
     name = "vqgan"
+    best_metrics = ("psnr_window", "psnr", "ssim")
     progress_keys = ("l1", "commitment", "perplexity", "g_gan", "d_loss")
 
     def __init__(self, cfg: Config) -> None:
@@ -55,7 +58,7 @@ class VQGANTask(Task):
         self.vqgan = VQGAN(cfg.vqgan)
         self.disc2d, self.disc3d = build_discriminators(cfg)
         perceptual, self.perceptual_description = build_perceptual(cfg.vqgan)
-        self.loss = VQGANLoss(cfg.vqgan, perceptual)
+        self.loss = VQGANLoss(cfg.vqgan, perceptual, window=lambda x: display_window(cfg.data, x))
         self.perceptual = perceptual
 
     def modules(self) -> dict[str, nn.Module]:
@@ -88,7 +91,9 @@ class VQGANTask(Task):
 
         k = min(11, min(self.cfg.data.shape) // 2 * 2 - 1)  # MONAI's 11^3 window, shrunk for thin volumes
         psnr, ssim = PSNRMetric(max_val=2.0), SSIMMetric(spatial_dims=3, data_range=2.0, win_size=k)
-        scores: dict[str, list[float]] = {"psnr": [], "ssim": []}  # per-case values: aggregate() would all_gather under DDP
+        psnr_win = PSNRMetric(max_val=1.0)
+        # per-case values: aggregate() would all_gather under DDP
+        scores: dict[str, list[float]] = {"psnr": [], "ssim": [], "psnr_window": []}
         counts = torch.zeros(self.cfg.vqgan.n_codes, dtype=torch.float64)
         device = next(self.vqgan.parameters()).device
         for i, batch in enumerate(loader):
@@ -97,12 +102,15 @@ class VQGANTask(Task):
             x_rec = x_rec.float().clamp(-1, 1)
             scores["psnr"] += psnr(x_rec, x).flatten().tolist()
             scores["ssim"] += ssim(x_rec, x).flatten().tolist()
+            lo, hi = display_window(self.cfg.data, x)
+            scores["psnr_window"] += psnr_win(to_window(x_rec, lo, hi), to_window(x, lo, hi)).flatten().tolist()
             counts += torch.bincount(vq.indices.flatten().cpu(), minlength=counts.numel()).double()
             if i == 0:
+                lo, hi = display_window(self.cfg.data, x[0, 0])
                 save_preview(run_dir / "previews" / f"step_{step:07d}.png",
                              {"input": x[0, 0].cpu().numpy(), "reconstruction": x_rec[0, 0].cpu().numpy()},
-                             title=f"VQ-GAN step {step}")
+                             title=f"VQ-GAN step {step}", vmin=lo, vmax=hi)
         p = counts / counts.sum().clamp_min(1)
         perplexity = torch.exp(-(p[p > 0] * p[p > 0].log()).sum())
-        return {"psnr": sum(scores["psnr"]) / len(scores["psnr"]), "ssim": sum(scores["ssim"]) / len(scores["ssim"]),
+        return {**{k: sum(v) / len(v) for k, v in scores.items()},
                 "codebook_usage": float((counts > 0).double().mean()), "perplexity": float(perplexity)}
