@@ -9,7 +9,9 @@ held-out label map with the same sampler and seeds (in a child process, so its p
 and the evaluation suite scores it: FID per plane and 3D-FID (domain extractor: the encoder of one
 segmentation network trained on the real training set, shared by all methods), LPIPS, SSIM, RMSE, PSNR,
 inter-slice consistency, Dice of that segmenter on the synthetic volumes (paper Table 2 protocol) and the
-label-following error of ``bench/ldm.py``. One table goes to BENCHMARKS.md.
+label-following error of ``bench/ldm.py``, and where the anatomy is: PSNR / SSIM in the CT display window,
+the grid-artifact ratio, each class's median HU (real vs synthetic) and label following per class in HU
+(``medlsdm.evaluation.fidelity``). The tables go to BENCHMARKS.md.
 
     python bench/compare.py --minutes 10
 """
@@ -35,6 +37,7 @@ from medlsdm.evaluation.metrics import label_following
 from medlsdm.runs import latest_step
 from medlsdm.training.latents import encode_dataset
 from medlsdm.training.run import train_ldm, train_vqgan
+from ldm import per_class_following
 from vqgan import phantoms
 
 METHODS = ("lsdm", "slice2d", "pixel3d")
@@ -77,7 +80,9 @@ def follow(data: Path, synthetic: Path, cfg) -> dict:
         real.append(item["image"][0])
         maps.append(item["label"][0])
         syn.append(load_image(synthetic / f"{case.id}_s0.nii.gz", cfg.data)[0][0])
-    return label_following(syn, real, maps, cfg.data.num_classes)
+    res = label_following(syn, real, maps, cfg.data.num_classes)
+    res["per_class"] = per_class_following(syn, real, maps, cfg)  # in HU
+    return res
 
 
 def main() -> None:
@@ -118,9 +123,13 @@ def main() -> None:
     names = {"lsdm": "Med-LSDM (VQ-GAN + latent SPADE diffusion)", "slice2d": "slice2d (2D slices, SegGuidedDiff-style)",
              "pixel3d": "pixel3d (3D image space, Med-DDPM-style)"}
     head = ("| method | training steps | FID axial | FID coronal | FID sagittal | 3D-FID | LPIPS | SSIM | RMSE | "
-            "PSNR (dB) | inter-slice W1 | Dice on synthetic | class error (matched / mismatched) | s / volume | "
-            "peak RSS sampling (GiB) |")
-    table = [head, "|---" * 15 + "|"]
+            "PSNR (dB) | window PSNR / SSIM | grid ratio | inter-slice W1 | Dice on synthetic | class error "
+            "(matched / mismatched) | s / volume | peak RSS sampling (GiB) |")
+    table = [head, "|---" * 17 + "|"]
+    classes = range(1, cfg.data.num_classes)
+    per_class = ["| method | " + " | ".join(cfg.data.label_names[c] for c in classes) + " |",
+                 "|---" * (len(classes) + 1) + "|"]
+    hu = lambda v: "–" if v is None or v != v else f"{v:.0f}"  # noqa: E731
     real_dice = None
     for method, r in rows.items():
         m = r["metrics"]
@@ -129,9 +138,16 @@ def main() -> None:
         table.append(
             f"| {names[method]} | {r['steps']} | {fmt(fid['axial'])} | {fmt(fid['coronal'])} | {fmt(fid['sagittal'])} | "
             f"{fmt(fid.get('3d'))} | {fmt(p.get('lpips', {}).get('mean'))} | {fmt(p['ssim']['mean'], 4)} | "
-            f"{fmt(p['rmse']['mean'], 4)} | {fmt(p['psnr']['mean'], 2)} | {fmt(m['inter_slice'].get('wasserstein'))} | "
+            f"{fmt(p['rmse']['mean'], 4)} | {fmt(p['psnr']['mean'], 2)} | "
+            f"{fmt(m['fidelity']['window_metrics']['window']['psnr'], 2)} / "
+            f"{fmt(m['fidelity']['window_metrics']['window']['ssim'], 3)} | {fmt(m['fidelity']['grid']['max'], 2)} | "
+            f"{fmt(m['inter_slice'].get('wasserstein'))} | "
             f"{fmt(dice['synthetic']['mean'])} | {fmt(r['follow']['matched'])} / {fmt(r['follow']['mismatched'])} | "
             f"{r['seconds_per_volume']:.1f} | {r['peak_rss_gib']:.2f} |")
+        med, f = {c["cls"]: c for c in m["fidelity"]["classes"]}, r["follow"]["per_class"]
+        per_class.append(f"| {method} | " + " | ".join(
+            (f"{hu(med[c]['other'])} ({hu(med[c]['real'])})" if c in med else "–")
+            + f"; {hu(f['matched'][c])} / {hu(f['mismatched'][c])}" for c in classes) + " |")
     first = next(iter(rows.values()))["metrics"]
     ex = first["fid"]["domain"]["extractor"]
     lp = first["paired"].get("lpips", {}).get("backbone", "not run")
@@ -147,7 +163,11 @@ def main() -> None:
         f"scores {fmt(real_dice)}. Class error: label following as in `bench/ldm.py` (matched should be well below "
         "mismatched). Inter-slice W1: Wasserstein distance between real and synthetic adjacent-slice change "
         "distributions (lower = more real-like slice-to-slice continuity). Sampling time and peak memory are of a "
-        "child process that loads the model and writes the volumes.",
+        "child process that loads the model and writes the volumes. Window PSNR / SSIM: in the CT display window "
+        "-160..240 HU; grid ratio: periodic 4-/2-voxel structure vs the real volumes (1 = like real).", "",
+        "Per class: synthetic median HU (real median HU); label following in HU where a label map and the next "
+        "case's disagree, matched / mismatched (matched should be well below mismatched):", "",
+        *per_class,
     ])
     if not args.no_write:
         write_section("compare", md)

@@ -25,23 +25,19 @@ import nibabel as nib
 import torch
 
 from _common import ROOT, WORK, command_line, header, write_section
-from medlsdm.data.phantom import phantom_affine
+from medlsdm.data.phantom import PAPER_SPACING, ROI_CENTRE_MM, phantom_affine
 
 HERE = Path(__file__).resolve()
 
 
 # ---- measurements, each run in its own child process ---------------------------------------------
 def long_label_map(depth: int, seed: int = 3, in_plane: tuple[int, int] = (64, 64)) -> torch.Tensor:
-    """A phantom label map of ``depth`` slices at the training slice spacing: the field of view grows with
-    the depth (body and spine continue, organs occupy their usual band). (1, 1, depth, H, W) long."""
+    """A phantom label map of ``depth`` slices at the training voxel size (the tiny preset's 3 x 2 x 2 mm region):
+    the region grows along depth (spine and vessels continue, organs occupy their usual band).
+    (1, 1, depth, H, W) long."""
     import medlsdm.data.phantom as ph
 
-    base_fov, base_depth = ph.FOV_MM, 16
-    ph.FOV_MM = (base_fov[0] * depth / base_depth, *base_fov[1:])
-    try:
-        _, lab = ph.generate_phantom(seed, (depth, *in_plane))
-    finally:
-        ph.FOV_MM = base_fov
+    _, lab = ph.generate_phantom(seed, (depth, *in_plane), spacing=ph.PAPER_SPACING, centre=ph.ROI_CENTRE_MM)
     return torch.from_numpy(lab).long()[None, None]
 
 
@@ -167,7 +163,7 @@ def main() -> None:
     train_steps, ddpm_steps, depths = (7, 2, (16, 32, 64)) if args.quick else (25, 1000, (16, 32, 64, 128, 256))
     work = WORK / "speed"
     work.mkdir(parents=True, exist_ok=True)
-    data = WORK / "phantoms_60_16x64x64"
+    data = WORK / "phantoms_paper_60_16x64x64"  # bench/vqgan.py's phantom set
 
     def sample(depth=16, sampler="ddim", n=steps, **kw):
         return run_child("sample", {"run": run, "depth": depth, "sampler": sampler, "steps": n, **kw})
@@ -176,8 +172,8 @@ def main() -> None:
     train_rows = []
     for name, stage, yaml, extra in [
         ("vqgan", "vqgan", "base: tiny\nvqgan:\n  disc_start_step: 1\n", {}),
-        ("ldm", "ldm", "base: tiny\n", {"vqgan": str(WORK / "vqgan")}),
-        ("ldm-ckpt", "ldm", "base: tiny\nldm:\n  use_checkpoint: true\n", {"vqgan": str(WORK / "vqgan")}),
+        ("ldm", "ldm", "base: tiny\n", {"vqgan": str(WORK / "vqgan_default")}),
+        ("ldm-ckpt", "ldm", "base: tiny\nldm:\n  use_checkpoint: true\n", {"vqgan": str(WORK / "vqgan_default")}),
     ]:
         src = str(data) if stage == "vqgan" else str(WORK / "latents")
         r = run_child("train", {"work": str(work), "name": name, "stage": stage, "yaml": yaml, "steps": train_steps,
@@ -206,7 +202,7 @@ def main() -> None:
     labels.mkdir(exist_ok=True)
     for k in range(4):
         lab = long_label_map(16, seed=20 + k)[0, 0].numpy().astype("uint8")
-        nib.save(nib.Nifti1Image(lab.transpose(2, 1, 0), phantom_affine((6.0, 6.0, 6.0), lab.shape)),
+        nib.save(nib.Nifti1Image(lab.transpose(2, 1, 0), phantom_affine(PAPER_SPACING, lab.shape, ROI_CENTRE_MM)),
                  str(labels / f"case{k}.nii.gz"))
     ranks = {}
     for procs in (1, 2):
