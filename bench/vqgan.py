@@ -45,9 +45,10 @@ VARIANTS = {
     "old": ("abdomen", OLD),
     "old-paper-scale": ("paper", {**OLD, "data": {"spacing": list(PAPER_SPACING)}}),  # the same at the new scale
     "default": ("paper", {}),  # the tiny preset as it is now
-    "default-transpose": ("paper", {"vqgan": {"upsample": "transpose"}}),  # ablations of the default
-    "default-no-window": ("paper", {"vqgan": {"window_l1_weight": 0.0}}),
-    "gan-at-1000": ("paper", {"vqgan": {"disc_start_step": 1000}}),  # the default with its GAN phase inside 15 min
+    # the display-window L1 term, and with it transposed convs or a GAN phase inside the 15 minutes
+    "window-l1": ("paper", {"vqgan": {"window_l1_weight": 4.0}}),
+    "window-l1-transpose": ("paper", {"vqgan": {"upsample": "transpose", "window_l1_weight": 4.0}}),
+    "window-l1-gan-at-1000": ("paper", {"vqgan": {"disc_start_step": 1000, "window_l1_weight": 4.0}}),
 }
 
 
