@@ -48,13 +48,13 @@ class DataConfig:
     cache_dir: Optional[str] = None  # preprocessed samples are cached here when set
     num_workers: int = 0
 
-
     def __post_init__(self) -> None:
         for name in ("ct_window", "ct_display_window", "mr_percentiles", "mr_display_percentiles"):
             lo, hi = getattr(self, name)
             if not lo < hi or (name.startswith("mr") and not 0 <= lo < hi <= 100):
                 raise UserError(f"config: data.{name} must be (low, high) with low < high"
                                 + (" within 0..100" if name.startswith("mr") else "") + f", got {[lo, hi]}")
+
 
 @dataclass
 class VQGANConfig:

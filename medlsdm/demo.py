@@ -22,7 +22,8 @@ import numpy as np
 
 from medlsdm.config import Config, load_config
 from medlsdm.data.phantom import PAPER_SPACING, ROI_CENTRE_MM, write_phantom_dataset
-from medlsdm.evaluation.fidelity import fidelity, markdown
+from medlsdm.evaluation.evaluate import paired_fidelity
+from medlsdm.evaluation.fidelity import markdown
 from medlsdm.evaluation.pairing import load_cases, load_synthetic, real_cases
 from medlsdm.evaluation.report import montage_figure
 from medlsdm.io import atomic_write_text
@@ -33,9 +34,9 @@ from medlsdm.training.run import train_ldm, train_vqgan
 
 # sized so the demo finishes within 15 minutes on 2 CPU cores (measured 2026-12-03: ~0.42 s per VQ-GAN step without
 # discriminators, ~0.25 s per LDM step; README gives the measured total). The VQ-GAN gets 800 steps because its
-# display-window PSNR still rises steeply there (bench/vqgan.py: 23.5 dB at step 400, 25.4 at 1000) and trains
-# without its discriminators (they would start after its last step): at CPU budgets the GAN phase only costs
-# reconstruction quality (bench/vqgan.py: window PSNR 25.4 dB at step 1000, 22.3 dB 200 GAN steps later).
+# display-window PSNR still rises steeply there (bench/vqgan.py, variant window-l1-gan-at-1000: 23.5 dB at step
+# 400, 25.4 at 1000) and trains without its discriminators (they would start after its last step): at CPU budgets
+# the GAN phase only costs reconstruction quality (same run: 22.3 dB 200 GAN steps later).
 DEMO = {"cases": 40, "vqgan_steps": 800, "disc_start": 801, "ldm_steps": 1600}
 FAST = {"cases": 10, "vqgan_steps": 4, "disc_start": 2, "ldm_steps": 4}
 
@@ -81,7 +82,7 @@ def _anatomy(data: Path, samples: Path, cfg: Config) -> list[str]:
     cases = real_cases(data, "test")
     real = load_cases(cases, cfg.data)
     synth, partner = load_synthetic(samples, cases, real, cfg.data)
-    fid = fidelity(synth.images, [real.images[i] for i in partner], [real.labels[i] for i in partner], cfg.data)
+    fid = paired_fidelity(real, synth, partner, cfg)
     montage_figure(samples / "real_vs_synthetic.png", real, synth, partner, cfg)
     return ["## Synthetic vs real, where the anatomy is", "",
             f"{len(synth)} synthetic volumes vs the real volumes of the same held-out label maps; "

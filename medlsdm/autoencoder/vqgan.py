@@ -5,8 +5,7 @@ per factor of two (a strided 4x4x4 conv followed by residual blocks, channels do
 then 1x1x1 convs into and out of the E-dimensional code space; the decoder mirrors it with transposed
 convs (or, with ``vqgan.upsample: nearest_conv``, nearest-neighbour doubling + 3x3x3 convs) and one more
 residual block per level (optionally a final tanh, ``vqgan.decoder_tanh``). An axis whose factor is already
-reached is not strided at
-the remaining levels (kernel 3, stride 1 on that axis), so per-axis factors such as (1, 4, 4) work.
+reached is not strided at the remaining levels (kernel 3, stride 1 on that axis), so per-axis factors such as (1, 4, 4) work.
 
 With the ``paper`` preset (channels 16, downsample (4, 4, 4), E 8) the encoder has 441,568 parameters and
 the decoder 948,417 (paper Appendix A: 441.5K and 948.6K); these counts exclude the 1x1x1 ``pre_quant``
@@ -22,7 +21,7 @@ from monai.networks.nets.autoencoderkl import AEKLResBlock
 from torch import nn
 
 from medlsdm.autoencoder.quantizer import QuantizerOutput, VectorQuantizer
-from medlsdm.config import VQGANConfig
+from medlsdm.config import VQGAN_UPSAMPLE, VQGANConfig
 from medlsdm.errors import UserError
 
 
@@ -83,8 +82,8 @@ class Decoder(nn.Module):
     def __init__(self, channels: int, downsample: tuple[int, int, int], out_channels: int = 1, num_res_blocks: int = 1,
                  upsample: str = "transpose", tanh: bool = False):
         super().__init__()
-        if upsample not in ("transpose", "nearest_conv"):
-            raise ValueError(f"upsample must be 'transpose' or 'nearest_conv', got {upsample!r}")
+        if upsample not in VQGAN_UPSAMPLE:
+            raise ValueError(f"upsample must be one of {VQGAN_UPSAMPLE}, got {upsample!r}")
         self.tanh = tanh
         strides = _level_strides(downsample)[::-1]
         ch = channels * 2 ** len(strides)

@@ -78,6 +78,13 @@ def paired_metrics(real: VolumeSet, synthetic: VolumeSet, partner: Sequence[int]
     return out
 
 
+def paired_fidelity(real: VolumeSet, synthetic: VolumeSet, partner: Sequence[int], cfg: Config) -> dict:
+    """Window metrics, per-class table (when the real volumes are labelled) and grid ratio of every synthetic
+    volume vs the real one of its label map (``medlsdm.evaluation.fidelity``)."""
+    labels = [real.labels[i] for i in partner] if real.labelled else None
+    return fidelity(synthetic.images, [real.images[i] for i in partner], labels, cfg.data)
+
+
 def _kinds(features: str | Sequence[str], have_train: bool) -> list[str]:
     kinds = [k.strip() for k in (features.split(",") if isinstance(features, str) else features) if k.strip()]
     if kinds in ([], ["auto"]):
@@ -157,9 +164,7 @@ def evaluate(
         pairs={s: real_set.ids[i] for s, i in zip(synth_set.ids, partner)},
     ), "notes": []}
     metrics["paired"] = paired_metrics(real_set, synth_set, partner, cfg, with_lpips=lpips)
-    metrics["fidelity"] = fidelity([synth_set.images[j] for j in range(len(partner))],
-                                   [real_set.images[i] for i in partner],
-                                   [real_set.labels[i] for i in partner] if real_set.labelled else None, cfg.data)
+    metrics["fidelity"] = paired_fidelity(real_set, synth_set, partner, cfg)
     metrics["inter_slice"] = M.inter_slice_consistency(real_set.images, synth_set.images)
     changes = (M.adjacent_slice_changes(real_set.images).float(), M.adjacent_slice_changes(synth_set.images).float())
 

@@ -243,13 +243,16 @@ def class_intensity_error(synthetic: torch.Tensor, real: torch.Tensor, label: to
     ``region`` (bool, (D, H, W)): take the medians only inside ``label``'s masks within it (classes with fewer
     than ``min_voxels`` voxels there are skipped); the spread stays that of the whole label map, so scores
     with and without a region share one unit. NaN when no class is left."""
+    return _in_spread_units(class_median_errors(synthetic, real, label, num_classes, region, min_voxels),
+                            real, label, num_classes)
+
+
+def _in_spread_units(err: torch.Tensor, real: torch.Tensor, label: torch.Tensor, num_classes: int) -> float:
+    """Mean of the (C,) class errors present, divided by the std of ``real``'s class medians; NaN if none."""
     spread_medians = class_medians(real, label, num_classes)
     spread = spread_medians[~torch.isnan(spread_medians)].std().clamp_min(1e-6)
-    err = class_median_errors(synthetic, real, label, num_classes, region, min_voxels)
     present = ~torch.isnan(err)
-    if not bool(present.any()):
-        return float("nan")
-    return float((err[present] / spread).mean())
+    return float((err[present] / spread).mean()) if bool(present.any()) else float("nan")
 
 
 def label_following(synthetic: Sequence[torch.Tensor], real: Sequence[torch.Tensor], labels: Sequence[torch.Tensor],
@@ -275,10 +278,10 @@ def label_following(synthetic: Sequence[torch.Tensor], real: Sequence[torch.Tens
         j = (i + 1) % n
         region = labels[i] != labels[j]
         overall.append(class_intensity_error(synthetic[i], real[i], labels[i], num_classes))
-        matched.append(class_intensity_error(synthetic[i], real[i], labels[i], num_classes, region))
-        mismatched.append(class_intensity_error(synthetic[j], real[i], labels[i], num_classes, region))
-        per_class["matched"].append(class_median_errors(synthetic[i], real[i], labels[i], num_classes, region))
-        per_class["mismatched"].append(class_median_errors(synthetic[j], real[i], labels[i], num_classes, region))
+        for key, source, scores in (("matched", synthetic[i], matched), ("mismatched", synthetic[j], mismatched)):
+            err = class_median_errors(source, real[i], labels[i], num_classes, region)
+            per_class[key].append(err)
+            scores.append(_in_spread_units(err, real[i], labels[i], num_classes))
 
     def mean(values: list[float]) -> float:
         kept = [v for v in values if v == v]

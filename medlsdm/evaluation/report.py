@@ -17,7 +17,7 @@ import torch
 from matplotlib.figure import Figure
 
 from medlsdm.config import Config
-from medlsdm.data.display import describe_window, display_window
+from medlsdm.data.display import describe_window, display_window, native_unit
 from medlsdm.data.transforms import denormalize
 from medlsdm.evaluation.fidelity import markdown as fidelity_markdown
 from medlsdm.evaluation.pairing import VolumeSet
@@ -94,8 +94,7 @@ def histogram_figure(path: Path, real: VolumeSet, synthetic: VolumeSet, partner:
         ax.legend(fontsize=6, frameon=False)
     for ax in axes[len(classes):]:
         ax.axis("off")
-    unit = "HU" if cfg.data.modality == "ct" else "normalised intensity"
-    fig.supxlabel(unit, fontsize=8)
+    fig.supxlabel(native_unit(cfg.data), fontsize=8)
     fig.suptitle("intensity per labelled class: real vs synthetic", fontsize=10)
     fig.tight_layout()
     return save_figure(fig, path)

@@ -105,8 +105,7 @@ class VQGANTask(Task):
             lo, hi = display_window(self.cfg.data, x)
             scores["psnr_window"] += psnr_win(to_window(x_rec, lo, hi), to_window(x, lo, hi)).flatten().tolist()
             counts += torch.bincount(vq.indices.flatten().cpu(), minlength=counts.numel()).double()
-            if i == 0:
-                lo, hi = display_window(self.cfg.data, x[0, 0])
+            if i == 0:  # validation batches hold one volume: (lo, hi) is its window
                 save_preview(run_dir / "previews" / f"step_{step:07d}.png",
                              {"input": x[0, 0].cpu().numpy(), "reconstruction": x_rec[0, 0].cpu().numpy()},
                              title=f"VQ-GAN step {step}", vmin=lo, vmax=hi)
