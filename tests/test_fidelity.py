@@ -10,7 +10,7 @@ from monai.networks.layers import GaussianFilter
 
 from medlsdm.config import DataConfig
 from medlsdm.data.display import display_window
-from medlsdm.evaluation.fidelity import class_table, fidelity, grid_ratio, markdown, window_metrics
+from medlsdm.evaluation.fidelity import class_table, contrast_table, fidelity, grid_ratio, markdown, window_metrics
 
 CT = DataConfig(modality="ct", ct_window=(-1000.0, 1000.0), ct_display_window=(-160.0, 240.0), num_classes=3,
                 label_names=["background", "organ", "bone"])
@@ -66,6 +66,26 @@ def test_class_table_zero_for_identical_and_exact_for_a_shifted_class():
     rows = class_table([pred], [ref], [lab], CT)
     assert rows[1]["error"] == pytest.approx(30.0, abs=1e-3)
     assert rows[0]["error"] == 0 and rows[2]["error"] == 0
+
+
+def test_contrast_table_sees_a_structure_only_where_it_stands_out():
+    """A lesion 40 HU below its organ: kept -> ratio 1; painted like the organ (right everywhere else, invisible)
+    -> ratio 0; hyper- instead of hypodense -> ratio 1 but sign 0 (a label map may not say which)."""
+    lab = torch.zeros(16, 32, 32, dtype=torch.long)
+    lab[2:14, 4:28, 4:28] = 1  # organ
+    lab[6:10, 12:18, 12:18] = 2  # lesion inside it
+    organ, lesion = lab == 1, lab == 2
+    ref = torch.where(lesion, hu(20.0), torch.where(organ, hu(60.0), hu(-1000.0)))
+    rows = {r["name"]: r for r in contrast_table([ref], [ref], [lab], CT)}
+    assert rows["bone"]["real"] == pytest.approx(40.0, abs=1e-3)  # class 2 is named "bone" in CT above
+    assert rows["bone"]["ratio"] == pytest.approx(1.0) and rows["bone"]["same_sign"] == 1.0
+    invisible = torch.where(lesion, hu(60.0), ref)
+    assert contrast_table([invisible], [ref], [lab], CT)[1]["ratio"] == pytest.approx(0.0, abs=1e-6)
+    flipped = torch.where(lesion, hu(100.0), ref)
+    row = contrast_table([flipped], [ref], [lab], CT)[1]
+    assert row["ratio"] == pytest.approx(1.0, abs=1e-4) and row["same_sign"] == 0.0
+    # the organ's shell is the lesion inside it only (background excluded): 40 HU above it
+    assert rows["organ"]["real"] == pytest.approx(40.0, abs=1e-3)
 
 
 def test_grid_ratio_flags_a_4_voxel_checkerboard_and_passes_smooth_volumes():

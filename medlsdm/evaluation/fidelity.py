@@ -15,6 +15,10 @@ get back to native units (HU for CT) and which display window a person looks at 
   period-4 and period-2 frequencies, as a peak over its spectral neighbours (+-1, +-2 bins); the ratio of
   that peak for ``pred`` to the one for ``ref`` is ~1 when ``pred`` has no more periodic structure at that
   period than the real volumes, and large for the regular 4-voxel pattern a 4x decoder can leave.
+- :func:`contrast_table`: can a structure be *seen*? Per volume, each class's median minus the median of a
+  shell around it (voxels within ``SHELL`` voxels, outside the class, background excluded), real vs other.
+  A class drawn at the right median but no different from its surroundings is invisible; a lesion whose
+  label map does not say hypo- or hyper-dense is visible when its |contrast| matches, whatever the sign.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import math
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from medlsdm.config import DataConfig
 from medlsdm.data.display import describe_window, display_window, native_unit, to_window
@@ -31,6 +36,8 @@ from medlsdm.evaluation import metrics as M
 
 AXES = {"D": 0, "H": 1, "W": 2}
 PERIODS = (4, 2)
+SHELL = (1, 3, 3)  # (D, H, W) voxels of the shell around a class in contrast_table
+MIN_VOXELS = 20  # a class (or its shell) with fewer voxels in a volume is not scored there
 
 
 def _vol(x) -> torch.Tensor:
@@ -76,6 +83,43 @@ def class_table(preds: Sequence, refs: Sequence, labels: Sequence, cfg: DataConf
     return rows
 
 
+def _contrast(vol: torch.Tensor, lab: torch.Tensor, c: int) -> Optional[float]:
+    """Median of class ``c`` minus the median of its non-background shell, in ``vol``'s units (None if too few)."""
+    mask = lab == c
+    if int(mask.sum()) < MIN_VOXELS:
+        return None
+    k = tuple(2 * s + 1 for s in SHELL)
+    grown = F.max_pool3d(mask[None, None].float(), k, stride=1, padding=SHELL)[0, 0] > 0
+    shell = grown & ~mask & (lab != 0)
+    if int(shell.sum()) < MIN_VOXELS:
+        return None
+    return float(vol[mask].median() - vol[shell].median())
+
+
+def contrast_table(preds: Sequence, refs: Sequence, labels: Sequence, cfg: DataConfig) -> list[dict]:
+    """One row per foreground class scored in at least one volume: ``cls``, ``name``, ``volumes`` (scored),
+    ``real`` and ``other`` (mean |contrast to the shell| in native units), ``ratio`` (other / real: 1 = as
+    conspicuous as real, 0 = invisible) and ``same_sign`` (fraction of volumes whose contrast has the real
+    one's sign)."""
+    names = list(cfg.label_names) + [f"class_{c}" for c in range(len(cfg.label_names), cfg.num_classes)]
+    rows = []
+    for c in range(1, cfg.num_classes):
+        pairs = []
+        for p, r, lab in zip(preds, refs, labels, strict=True):
+            lab_ = _vol(lab).round().to(torch.int16)
+            cr = _contrast(denormalize(_vol(r), cfg), lab_, c)
+            cp = _contrast(denormalize(_vol(p), cfg), lab_, c)
+            if cr is not None and cp is not None:
+                pairs.append((cr, cp))
+        if pairs:
+            real = sum(abs(a) for a, _ in pairs) / len(pairs)
+            other = sum(abs(b) for _, b in pairs) / len(pairs)
+            rows.append(dict(cls=c, name=names[c], volumes=len(pairs), real=real, other=other,
+                             ratio=other / real if real > 0 else float("nan"),
+                             same_sign=sum((a > 0) == (b > 0) for a, b in pairs) / len(pairs)))
+    return rows
+
+
 def _spectrum(volumes: Sequence[torch.Tensor], windows: Sequence[tuple[float, float]], axis: int) -> torch.Tensor:
     """Mean power spectrum along ``axis`` of the windowed volumes (mean removed per line): (n // 2 + 1,)."""
     total = None
@@ -110,19 +154,32 @@ def grid_ratio(preds: Sequence, refs: Sequence, cfg: DataConfig) -> dict:
 
 
 def fidelity(preds: Sequence, refs: Sequence, labels: Optional[Sequence], cfg: DataConfig) -> dict:
-    """All three: ``{"window_metrics", "classes", "grid", "window", "unit"}`` (JSON-friendly); ``classes`` is
-    empty without ``labels``."""
+    """All four: ``{"window_metrics", "classes", "contrast", "grid", "window", "unit"}`` (JSON-friendly);
+    ``classes`` and ``contrast`` are empty without ``labels``."""
     return {
         "window": describe_window(cfg),
         "unit": native_unit(cfg),
         "window_metrics": window_metrics(preds, refs, cfg),
         "classes": class_table(preds, refs, labels, cfg) if labels is not None else [],
+        "contrast": contrast_table(preds, refs, labels, cfg) if labels is not None else [],
         "grid": grid_ratio(preds, refs, cfg),
     }
 
 
 def _f(x: float, digits: int) -> str:
     return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
+
+
+def _contrast_lines(rows: list[dict], other: str, real: str, unit: str) -> list[str]:
+    if not rows:
+        return []
+    shell = "x".join(str(s) for s in SHELL)
+    return [f"Can each class be seen? Mean |median of the class - median of the tissue around it| per volume (shell "
+            f"of {shell} voxels (D x H x W), background excluded); ratio 1 = as conspicuous as {real}, 0 = invisible:",
+            "", f"| class | volumes | {real} contrast ({unit}) | {other} contrast ({unit}) | ratio | same sign |",
+            "|---|---|---|---|---|---|",
+            *[f"| {r['name']} | {r['volumes']} | {_f(r['real'], 1)} | {_f(r['other'], 1)} | {_f(r['ratio'], 2)} | "
+              f"{r['same_sign']:.2f} |" for r in rows], ""]
 
 
 def markdown(fid: dict, other: str = "synthetic", real: str = "real") -> list[str]:
@@ -136,6 +193,7 @@ def markdown(fid: dict, other: str = "synthetic", real: str = "real") -> list[st
         "|---|---|---|---|---|",
         *[f"| {r['name']} | {r['voxels']:.0f} | {_f(r['real'], 1)} | {_f(r['other'], 1)} | {r['error']:+.1f} |"
           for r in fid["classes"]], "",
+        *_contrast_lines(fid.get("contrast", []), other, real, unit),
         f"Grid-artifact ratio (period-4 / period-2 spectral peak vs {real}; 1 = like {real}): worst "
         f"**{_f(fid['grid']['max'], 2)}** (" + ", ".join(f"{k} {v:.2f}" for k, v in fid["grid"]["per_axis"].items())
         + ").",
