@@ -124,11 +124,20 @@ class LDMConfig:
     attention_levels: tuple[int, ...] = (1, 2)  # U-Net levels (0 = full latent res) with attention
     num_heads: int = 4
     semantic_channels: int = 32  # width of the semantic-map encoder features
+    # True: down-sample in-plane only, so cross-slice attention sees every latent slice at every level (the
+    # authors' code); False halves the latent depth where even (8 -> 4 -> 2 for paper)
+    keep_depth: bool = False
+    # position information of cross-slice attention: "none" (order-blind) or "relative" (a learned bias per head
+    # and slice offset, as the authors' code; offsets mean the same in every depth window)
+    depth_positions: str = "none"
     dropout: float = 0.0
     num_timesteps: int = 1000  # T (authors' code: 500)
     schedule: str = "cosine"
     objective: str = "eps"  # "eps" (paper) or "x0" / "v"
     loss: str = "l2"  # "l2" (paper eq. 13) or "l1" (authors' code)
+    # > 0: weigh the loss of each latent voxel by its classes' share of the label map ** -power (mean weight 1),
+    # so small structures (a lesion) count; 0 = the paper's uniform loss
+    class_weight_power: float = 0.0
     # "codebook" (the paper: min-max to [-1, 1] from the codebook range) or "standardize" (per-channel
     # mean/std of the encoded training set); both are measured in BENCHMARKS.md
     latent_norm: str = "codebook"
@@ -151,6 +160,8 @@ class LDMConfig:
     def __post_init__(self) -> None:
         if self.method not in LDM_METHODS:
             raise UserError(f"config: unknown ldm.method '{self.method}' (choose from {', '.join(LDM_METHODS)})")
+        if self.depth_positions not in ("none", "relative"):
+            raise UserError(f"config: ldm.depth_positions must be 'none' or 'relative', got '{self.depth_positions}'")
 
 
 @dataclass
@@ -171,6 +182,13 @@ class TrainConfig:
     # a validation metric (higher is better, e.g. "psnr_window" for the VQ-GAN) whose best weights are kept in
     # RUN/best/ and used for encoding and decoding instead of the latest ones; None = always the latest
     keep_best: Optional[str] = None
+    # LDM validation preview: DDIM steps of one sampled volume (0 = no preview); at paper size on CPU one
+    # preview costs minutes (BENCHMARKS.md, paper_size)
+    preview_steps: int = 25
+
+    def __post_init__(self) -> None:
+        if self.preview_steps < 0:
+            raise UserError(f"config: preview_steps must be >= 0 (0 = no preview), got {self.preview_steps}")
 
 
 @dataclass

@@ -46,7 +46,7 @@ def build_baseline(cfg: Config) -> LatentDiffusion:
     unet = SemanticUNet(ldm, in_channels=1, num_classes=cfg.data.num_classes, image_down=(1, 1, 1),
                         conditioning="concat")
     args = (unet, NoiseSchedule(ldm.num_timesteps, ldm.schedule), ldm.objective, ldm.loss, ldm.cond_drop_prob,
-            ldm.clip_sample)
+            ldm.clip_sample, ldm.class_weight_power)
     if ldm.method == "slice2d":
         return SliceDiffusion(*args, slices_per_volume=ldm.slices_per_volume)
     return LatentDiffusion(*args)
@@ -80,7 +80,7 @@ class SliceDiffusion(LatentDiffusion):
     def view(self, unet: torch.nn.Module, cond_drop_prob: float | None = None) -> "SliceDiffusion":
         p = self.cond_drop_prob if cond_drop_prob is None else cond_drop_prob
         other = SliceDiffusion(unet, self.schedule, self.objective, self.loss, p, self.clip_sample,
-                               slices_per_volume=self.slices_per_volume)
+                               self.class_weight_power, slices_per_volume=self.slices_per_volume)
         other.clip_value = self.clip_value
         return other
 

@@ -6,6 +6,8 @@ All tensors are ``(B, C, D, H, W)``. Equation numbers refer to the Med-LSDM pape
 Down-sampling rule (shared by the U-Net and the semantic encoder): at each level an axis is halved
 if and only if its current size is even and greater than 1; other axes keep their size (stride 1).
 So (4, 16, 16) -> (2, 8, 8) -> (1, 4, 4) -> (1, 2, 2), and (2, 8, 12) -> (1, 4, 6) -> (1, 2, 3) -> (1, 1, 3).
+With ``keep_depth`` (the authors' code) depth is never halved: (8, 64, 64) -> (8, 32, 32) -> (8, 16, 16), so
+cross-slice attention sees every latent slice at every level.
 Up-sampling always returns to the exact size of the matching skip connection.
 """
 
@@ -17,6 +19,9 @@ import torch
 import torch.nn.functional as F
 from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
 from torch import nn
+
+
+DEPTH_POSITIONS = ("none", "relative")
 
 
 def norm_groups(channels: int) -> int:
@@ -31,16 +36,17 @@ def zero_module(module: nn.Module) -> nn.Module:
     return module
 
 
-def halving_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    """Per-axis stride of one down-sampling step: 2 where the size is even and > 1, else 1."""
-    return tuple(2 if (s > 1 and s % 2 == 0) else 1 for s in shape)
+def halving_strides(shape: tuple[int, ...], keep_depth: bool = False) -> tuple[int, ...]:
+    """Per-axis stride of one down-sampling step: 2 where the size is even and > 1, else 1 (and 1 along the
+    first axis, depth, when ``keep_depth``)."""
+    return tuple(1 if (keep_depth and i == 0) else 2 if (s > 1 and s % 2 == 0) else 1 for i, s in enumerate(shape))
 
 
-def level_shapes(shape: tuple[int, int, int], levels: int) -> list[tuple[int, int, int]]:
+def level_shapes(shape: tuple[int, int, int], levels: int, keep_depth: bool = False) -> list[tuple[int, int, int]]:
     """Spatial shape ``(d, h, w)`` at each of ``levels`` U-Net levels (level 0 = ``shape``)."""
     shapes = [tuple(shape)]
     for _ in range(levels - 1):
-        shapes.append(tuple(s // k for s, k in zip(shapes[-1], halving_strides(shapes[-1]))))
+        shapes.append(tuple(s // k for s, k in zip(shapes[-1], halving_strides(shapes[-1], keep_depth))))
     return shapes
 
 
@@ -181,23 +187,53 @@ class _AxisAttention(nn.Module):
         self.qkv = nn.Linear(channels, 3 * channels, bias=False)
         self.proj = zero_module(nn.Linear(channels, channels))
 
-    def attend(self, tokens: torch.Tensor) -> torch.Tensor:
+    def attend(self, tokens: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``tokens`` (N, L, C); ``bias`` (heads, L, L) added to the attention logits, or None."""
         n, length, c = tokens.shape
         q, k, v = self.qkv(self.norm(tokens)).reshape(n, length, 3, self.num_heads, c // self.num_heads).unbind(2)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        mask = None if bias is None else bias.to(q.dtype)[None]
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
         return tokens + self.proj(out.transpose(1, 2).reshape(n, length, c))
 
 
+class RelativeDepthBias(nn.Module):
+    """A learned attention bias per head and slice offset j - i (clipped to +-``max_distance``): position
+    information along depth that means the same in every depth window, since only offsets enter (the authors'
+    code uses a bucketed form of the same idea). Starts at zero: a new block attends as without it.
+
+    ``forward(length) -> (heads, length, length)``.
+    """
+
+    def __init__(self, num_heads: int, max_distance: int = 16) -> None:
+        super().__init__()
+        self.max_distance = max_distance
+        self.bias = nn.Embedding(2 * max_distance + 1, num_heads)
+        nn.init.zeros_(self.bias.weight)
+
+    def forward(self, length: int) -> torch.Tensor:
+        pos = torch.arange(length, device=self.bias.weight.device)
+        offset = (pos[None, :] - pos[:, None]).clamp(-self.max_distance, self.max_distance) + self.max_distance
+        return self.bias(offset).permute(2, 0, 1)
+
+
 class CrossSliceAttention(_AxisAttention):
-    """Attention along depth D: for every (h, w) position the D slices attend to each other.
+    """Attention along depth D: for every (h, w) position the D slices attend to each other, with a
+    :class:`RelativeDepthBias` when ``depth_positions == "relative"`` (without: order-blind, "none").
 
     ``(B, C, D, H, W) -> (B, C, D, H, W)``; (h, w) columns never exchange information here.
     """
 
+    def __init__(self, channels: int, num_heads: int, depth_positions: str = "none") -> None:
+        super().__init__(channels, num_heads)
+        if depth_positions not in DEPTH_POSITIONS:
+            raise ValueError(f"depth_positions must be one of {DEPTH_POSITIONS}, got {depth_positions!r}")
+        self.positions = RelativeDepthBias(num_heads) if depth_positions == "relative" else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, d, h, w = x.shape
         tokens = x.permute(0, 3, 4, 2, 1).reshape(b * h * w, d, c)
-        return self.attend(tokens).reshape(b, h, w, d, c).permute(0, 4, 3, 1, 2)
+        bias = None if self.positions is None else self.positions(d)
+        return self.attend(tokens, bias).reshape(b, h, w, d, c).permute(0, 4, 3, 1, 2)
 
 
 class SpatialAttention(_AxisAttention):
@@ -215,19 +251,20 @@ class SpatialAttention(_AxisAttention):
 class AttentionBlock(nn.Sequential):
     """Cross-slice attention followed by spatial attention (the paper's pair), ``(B,C,D,H,W)`` in and out."""
 
-    def __init__(self, channels: int, num_heads: int) -> None:
-        super().__init__(CrossSliceAttention(channels, num_heads), SpatialAttention(channels, num_heads))
+    def __init__(self, channels: int, num_heads: int, depth_positions: str = "none") -> None:
+        super().__init__(CrossSliceAttention(channels, num_heads, depth_positions), SpatialAttention(channels, num_heads))
 
 
 class Downsample(nn.Module):
     """3x3x3 conv whose stride follows :func:`halving_strides` of the input's spatial shape."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, keep_depth: bool = False) -> None:
         super().__init__()
+        self.keep_depth = keep_depth
         self.conv = nn.Conv3d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        stride = halving_strides(tuple(x.shape[2:]))
+        stride = halving_strides(tuple(x.shape[2:]), self.keep_depth)
         return F.conv3d(x, self.conv.weight, self.conv.bias, stride=stride, padding=1)
 
 

@@ -3,7 +3,8 @@
 The label map is brought to latent resolution by learned stride-2 convolutions (one per factor of 2
 per axis), so that thin structures leave a trace in the features instead of being lost by
 nearest-neighbour downsampling (paper section 3.3, last paragraph). Deeper levels are reached by
-further down-sampling with the U-Net's rule (:func:`medlsdm.diffusion.blocks.halving_strides`).
+further down-sampling with the U-Net's rule (:func:`medlsdm.diffusion.blocks.halving_strides`, ``keep_depth``
+included).
 
 For classifier-free guidance the encoder also holds a learned *null* embedding: where ``drop`` is
 True (or no label map is given) the latent-resolution features are replaced by it.
@@ -28,7 +29,8 @@ class SemanticEncoder(nn.Module):
     -> list of ``levels`` tensors ``(B, channels, d_l, h_l, w_l)`` where ``(D, H, W) = (d, h, w) * image_down``.
     """
 
-    def __init__(self, num_classes: int, channels: int, image_down: tuple[int, int, int], levels: int) -> None:
+    def __init__(self, num_classes: int, channels: int, image_down: tuple[int, int, int], levels: int,
+                 keep_depth: bool = False) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.image_down = tuple(int(f) for f in image_down)
@@ -39,7 +41,7 @@ class SemanticEncoder(nn.Module):
             layers += [nn.Conv3d(num_classes if k == 0 else channels, channels, 3, stride=stride, padding=1), nn.SiLU()]
         self.to_latent = nn.Sequential(*layers)
         self.null = nn.Parameter(torch.randn(1, channels, 1, 1, 1))
-        self.down = nn.ModuleList([nn.Sequential(Downsample(channels), nn.SiLU()) for _ in range(levels - 1)])
+        self.down = nn.ModuleList([nn.Sequential(Downsample(channels, keep_depth), nn.SiLU()) for _ in range(levels - 1)])
         self.heads = nn.ModuleList([nn.Conv3d(channels, channels, 3, padding=1) for _ in range(levels)])
 
     def forward(

@@ -1,7 +1,8 @@
 """The semantic U-Net of Med-LSDM (paper section 3.3, Fig. 4).
 
 Encoder: :class:`EncoderResBlock` s (timestep scale/shift, eq. 14) with cross-slice + spatial
-attention at ``cfg.attention_levels``. Middle and decoder: :class:`DecoderResBlock` s whose norms are
+attention at ``cfg.attention_levels``; ``cfg.keep_depth`` down-samples in-plane only (cross-slice attention sees
+every latent slice) and ``cfg.depth_positions`` gives that attention relative depth positions. Middle and decoder: :class:`DecoderResBlock` s whose norms are
 SPADE (eq. 15) fed by :class:`SemanticEncoder` features of the matching level, with skip connections
 from the encoder. The label map enters only through SPADE (never concatenated to the input).
 
@@ -70,10 +71,12 @@ class SemanticUNet(nn.Module):
         mc, levels, sem = cfg.model_channels, len(cfg.channel_mult), cfg.semantic_channels
         emb = 4 * mc
         attn = set(cfg.attention_levels)
+        self.keep_depth = cfg.keep_depth
+        pos = cfg.depth_positions
 
         self.time_embed = TimestepEmbedding(mc, emb)
         if conditioning == "spade":
-            self.semantic = SemanticEncoder(num_classes, sem, self.image_down, levels)
+            self.semantic = SemanticEncoder(num_classes, sem, self.image_down, levels, cfg.keep_depth)
             self.input_conv = nn.Conv3d(in_channels, mc, 3, padding=1)
         else:  # concat: no semantic encoder, the label map is extra input channels, decoder norms are plain
             self.semantic, sem = None, None
@@ -89,16 +92,16 @@ class SemanticUNet(nn.Module):
             for _ in range(cfg.num_res_blocks):
                 blocks.append(EncoderResBlock(ch, mc * mult, emb, cfg.dropout))
                 ch = mc * mult
-                attns.append(AttentionBlock(ch, cfg.num_heads) if level in attn else nn.Identity())
+                attns.append(AttentionBlock(ch, cfg.num_heads, pos) if level in attn else nn.Identity())
                 skip_channels.append(ch)
             self.down_blocks.append(blocks)
             self.down_attn.append(attns)
             if level < levels - 1:
-                self.downsamples.append(Downsample(ch))
+                self.downsamples.append(Downsample(ch, cfg.keep_depth))
                 skip_channels.append(ch)
 
         self.mid_block1 = DecoderResBlock(ch, ch, emb, sem, cfg.dropout)
-        self.mid_attn = AttentionBlock(ch, cfg.num_heads)
+        self.mid_attn = AttentionBlock(ch, cfg.num_heads, pos)
         self.mid_block2 = DecoderResBlock(ch, ch, emb, sem, cfg.dropout)
 
         # decoder: per level (deepest first), num_res_blocks + 1 SPADE res-blocks eating the skips
@@ -110,7 +113,7 @@ class SemanticUNet(nn.Module):
             for _ in range(cfg.num_res_blocks + 1):
                 blocks.append(DecoderResBlock(ch + skip_channels.pop(), mc * mult, emb, sem, cfg.dropout))
                 ch = mc * mult
-                attns.append(AttentionBlock(ch, cfg.num_heads) if level in attn else nn.Identity())
+                attns.append(AttentionBlock(ch, cfg.num_heads, pos) if level in attn else nn.Identity())
             self.up_blocks.append(blocks)
             self.up_attn.append(attns)
             if level > 0:
@@ -201,7 +204,7 @@ class SemanticUNet(nn.Module):
         if self.semantic is None:
             return None
         seg = [s.to(dtype) for s in self.semantic(labels_onehot, batch, tuple(latent_shape), drop)]
-        shapes = level_shapes(tuple(latent_shape), len(seg))
+        shapes = level_shapes(tuple(latent_shape), len(seg), self.keep_depth)
         blocks = [(self.mid_block1, len(seg) - 1), (self.mid_block2, len(seg) - 1)]
         blocks += [(block, len(seg) - 1 - i) for i, up in enumerate(self.up_blocks) for block in up]
         return [block.modulations(seg[level], shapes[level]) for block, level in blocks]
