@@ -14,7 +14,12 @@ held-out label map and records in BENCHMARKS.md:
   median table (HU), the grid-artifact ratio (``medlsdm.evaluation.fidelity``) and label following per class
   in HU (matched vs mismatched), so that small classes (kidney, lesion) are seen.
 
+With ``--quick`` only the default sampler is run (guidance 1 and 2.5), and the section adds inter-slice
+consistency (W1 of adjacent-slice changes, real vs synthetic) and the seam ratio of two volumes three times the
+training depth generated in overlapping depth windows: enough to compare architecture switches, e.g.
+
     python bench/ldm.py --minutes 15 --ddpm-cases 4 [--latent-norm standardize] [--objective eps]
+    python bench/ldm.py --minutes 15 --quick --set keep_depth=true --set depth_positions=relative
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import shutil
 import time
 
 import torch
+import yaml
 
 from _common import WORK, command_line, header, peak_rss_gib, write_section
 from medlsdm.config import load_config
@@ -33,7 +39,8 @@ from medlsdm.runs import latest_step, selected_weights
 from medlsdm.data.layouts import find_cases
 from medlsdm.data.transforms import denormalize, load_case
 from medlsdm.evaluation.fidelity import fidelity, markdown
-from medlsdm.evaluation.metrics import label_following, psnr, ssim
+from medlsdm.diffusion.windows import DepthWindows
+from medlsdm.evaluation.metrics import inter_slice_consistency, label_following, psnr, seam_ratio, ssim
 from medlsdm.pipeline import SynthesisPipeline
 from medlsdm.training.latents import encode_dataset, is_latents_dir
 from medlsdm.training.run import train_ldm
@@ -54,6 +61,24 @@ def per_class_lines(pc: dict, real_pc: dict, cfg) -> list[str]:
             "|---|---|---|---|",
             *[f"| {names[c]} | {fmt(pc['matched'][c])} | {fmt(pc['mismatched'][c])} | {fmt(real_pc['mismatched'][c])} |"
               for c in range(1, cfg.data.num_classes)]]
+
+
+def long_volume_seams(pipe, guidance: float, factor: int = 3, maps: int = 2) -> dict:
+    """Seam ratio (``medlsdm.evaluation.metrics.seam_ratio``) of ``maps`` phantom label maps ``factor`` times the
+    training depth, generated in overlapping depth windows with the default sampler."""
+    import medlsdm.data.phantom as ph
+
+    d, h, w = pipe.cfg.data.shape
+    down = pipe.diffusion.unet.image_down[0]
+    ratios, n_windows = [], 0
+    for seed in range(maps):
+        _, lab = ph.generate_phantom(500 + seed, (factor * d, h, w), spacing=ph.PAPER_SPACING, centre=ph.ROI_CENTRE_MM)
+        lab = torch.from_numpy(lab).long()[None, None]
+        vol = pipe.generate(lab, guidance=guidance, generator=torch.Generator().manual_seed(seed))
+        windows = DepthWindows(factor * d // down, pipe.window, pipe.overlap)
+        n_windows = len(windows)
+        ratios.append(seam_ratio(vol[0, 0], windows.borders(scale=down), period=down))
+    return {"depth": factor * d, "windows": n_windows, "ratios": ratios}
 
 
 def score(pipe, cases, sampler: str, steps: int, num_classes: int, guidance: float = 1.0) -> dict:
@@ -84,10 +109,16 @@ def main() -> None:
                     help="latent normalisation (default: the tiny preset's)")
     ap.add_argument("--objective", choices=["eps", "x0", "v"], default=None,
                     help="diffusion objective (default: the tiny preset's)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="another ldm config value (YAML), e.g. keep_depth=true; repeatable, named in the section")
+    ap.add_argument("--quick", action="store_true",
+                    help="only the default sampler (guidance 1 and 2.5), plus inter-slice consistency and seams")
     args = ap.parse_args()
     overrides = {k: v for k, v in (("latent_norm", args.latent_norm), ("objective", args.objective)) if v}
+    extra = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)}
+    overrides.update(extra)
     cfg = load_config("tiny", {"ldm": overrides})
-    tag = f"{cfg.ldm.objective}-{cfg.ldm.latent_norm}"
+    tag = f"{cfg.ldm.objective}-{cfg.ldm.latent_norm}" + "".join(f"-{k}={v}" for k, v in extra.items())
     data = phantoms(args.cases, cfg.data.shape, "paper")
     vq_run, lat, run = WORK / "vqgan_default", WORK / "latents", WORK / f"ldm_{tag}"
     config = WORK / f"ldm_{tag}.yaml"
@@ -111,11 +142,16 @@ def main() -> None:
         item = load_case(case, pipe.cfg.data)
         cases.append((item["image"], item["label"]))
     k = cfg.data.num_classes
-    rows = [score(pipe, cases, name, steps_, k) for name in ("ddim", "dpm++") for steps_ in (10, 25, 50, 100)]
-    rows.append(score(pipe, cases, "ddim", 50, k, guidance=2.5))  # the authors' cond + 1.5 (cond - uncond)
-    rows.append(score(pipe, cases, cfg.ldm.sampler, cfg.ldm.sampling_steps, k, guidance=2.5))
-    sub = cases[: args.ddpm_cases]
-    rows_sub = [score(pipe, sub, "ddpm", 1000, k), score(pipe, sub, "ddim", 50, k), score(pipe, sub, "dpm++", 25, k)]
+    if args.quick:
+        rows = [score(pipe, cases, cfg.ldm.sampler, cfg.ldm.sampling_steps, k, guidance=g) for g in (1.0, 2.5)]
+        rows_sub = []
+    else:
+        rows = [score(pipe, cases, name, steps_, k) for name in ("ddim", "dpm++") for steps_ in (10, 25, 50, 100)]
+        rows.append(score(pipe, cases, "ddim", 50, k, guidance=2.5))  # the authors' cond + 1.5 (cond - uncond)
+        rows.append(score(pipe, cases, cfg.ldm.sampler, cfg.ldm.sampling_steps, k, guidance=2.5))
+        sub = cases[: args.ddpm_cases]
+        rows_sub = [score(pipe, sub, "ddpm", 1000, k), score(pipe, sub, "ddim", 50, k),
+                    score(pipe, sub, "dpm++", 25, k)]
     reals, maps = [c[0][0] for c in cases], [c[1][0] for c in cases]
     real_control = label_following(reals, reals, maps, k)["mismatched"]  # the control's value for a perfect model
     name = f"{cfg.ldm.sampler.upper()}-{cfg.ldm.sampling_steps}"
@@ -123,12 +159,15 @@ def main() -> None:
     fid = {g: fidelity(r["volumes"], reals, maps, cfg.data) for g, r in default.items()}
     pc = {g: per_class_following(r["volumes"], reals, maps, cfg) for g, r in default.items()}
     real_pc = per_class_following(reals, reals, maps, cfg)
+    torch.save({g: torch.stack(r["volumes"]).half() for g, r in default.items()}, WORK / f"ldm_{tag}_volumes.pt")
+    slices = {str(g): inter_slice_consistency(reals, r["volumes"]) for g, r in default.items()}
+    seams = long_volume_seams(pipe, cfg.ldm.guidance_scale)
     for r in rows + rows_sub:
         r.pop("volumes")
     result = {"real_mismatched": real_control, "ldm_steps": steps, "ldm_train_seconds": round(train_s, 1),
               "vqgan_train_seconds": vq_info["train_seconds"], "all_cases": rows, "ddpm_subset": rows_sub,
               "fidelity": {str(g): f for g, f in fid.items()}, "per_class_following": {str(g): p for g, p in pc.items()},
-              "real_per_class_following": real_pc,
+              "real_per_class_following": real_pc, "inter_slice": slices, "seams": seams, "overrides": overrides,
               "peak_rss_gib": round(peak_rss_gib(), 2)}
     (WORK / f"ldm_{tag}_bench.json").write_text(json.dumps(result, indent=2))
 
@@ -137,10 +176,10 @@ def main() -> None:
                 f"{r['matched_error']:.3f} | {r['mismatched_error']:.3f} | {r['ssim']:.3f} | {r['psnr']:.2f} | "
                 f"{r['seconds_per_volume']:.2f} |")
 
-    ddpm, ddim, dpm = rows_sub
     total_min = (vq_info["train_seconds"] + train_s) / 60
 
     def versus(r: dict) -> str:
+        ddpm = rows_sub[0]
         rel = (r["overall_error"] - ddpm["overall_error"]) / max(ddpm["overall_error"], 1e-9) * 100
         return (f"{r['sampler']} class error {r['overall_error']:.3f} vs DDPM-1000 {ddpm['overall_error']:.3f} "
                 f"({rel:+.0f}%), PSNR {r['psnr']:.2f} vs {ddpm['psnr']:.2f} dB, "
@@ -162,8 +201,14 @@ def main() -> None:
         "| sampler | guidance | label maps | class error, overall | matched (where maps differ) | mismatched "
         "(control) | SSIM | PSNR (dB) | s / volume |",
         "|---|---|---|---|---|---|---|---|---|", *[line(r) for r in rows], *[line(r) for r in rows_sub], "",
-        f"On the same {len(sub)} label maps: {versus(ddim)}; {versus(dpm)}. Peak memory (RSS): "
-        f"{result['peak_rss_gib']} GiB.", "",
+        (f"On the same {args.ddpm_cases} label maps: {versus(rows_sub[1])}; "
+         f"{versus(rows_sub[2])}. " if rows_sub else "") + f"Peak memory (RSS): {result['peak_rss_gib']} GiB.", "",
+        "Inter-slice consistency (W1 between real and synthetic adjacent-slice changes, lower = more like real; "
+        "mean change per slice pair / std, real vs synthetic): " + "; ".join(
+            f"guidance {g}: W1 {v['wasserstein']:.4f}, {v['real_mean']:.3f} vs {v['synthetic_mean']:.3f}"
+            for g, v in slices.items()) + ". Seam ratio of " + f"{len(seams['ratios'])} volumes of "
+        f"{seams['depth']} slices made in {seams['windows']} overlapping depth windows (1 = no seam, guidance "
+        f"{cfg.ldm.guidance_scale:g}): " + ", ".join(f"{x:.3f}" for x in seams["ratios"]) + ".", "",
         *[line for g in (1.0, 2.5) for line in (
             f"### Where the anatomy is ({name}, the default sampler, guidance {g:g}, {len(cases)} held-out label maps)",
             "", *markdown(fid[g]), "",
