@@ -111,6 +111,8 @@ def main() -> None:
                     help="diffusion objective (default: the tiny preset's)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="another ldm config value (YAML), e.g. keep_depth=true; repeatable, named in the section")
+    ap.add_argument("--lesions", choices=["mixed", "hypo", "hyper"], default="mixed",
+                    help="phantom lesions (medlsdm phantom --lesions): is a lesion drawn when its label says how it looks?")
     ap.add_argument("--quick", action="store_true",
                     help="only the default sampler (guidance 1 and 2.5), plus inter-slice consistency and seams")
     args = ap.parse_args()
@@ -119,8 +121,11 @@ def main() -> None:
     overrides.update(extra)
     cfg = load_config("tiny", {"ldm": overrides})
     tag = f"{cfg.ldm.objective}-{cfg.ldm.latent_norm}" + "".join(f"-{k}={v}" for k, v in extra.items())
-    data = phantoms(args.cases, cfg.data.shape, "paper")
-    vq_run, lat, run = WORK / "vqgan_default", WORK / "latents", WORK / f"ldm_{tag}"
+    data = phantoms(args.cases, cfg.data.shape, "paper", args.lesions)
+    if args.lesions != "mixed":
+        tag += f"-lesions={args.lesions}"
+    lat_name = "latents" if args.lesions == "mixed" else f"latents_{args.lesions}"
+    vq_run, lat, run = WORK / "vqgan_default", WORK / lat_name, WORK / f"ldm_{tag}"
     config = WORK / f"ldm_{tag}.yaml"
     config.write_text("base: tiny\nldm:\n" + "".join(f"  {k}: {v}\n" for k, v in overrides.items()) if overrides
                       else "base: tiny\n")
@@ -167,7 +172,8 @@ def main() -> None:
     result = {"real_mismatched": real_control, "ldm_steps": steps, "ldm_train_seconds": round(train_s, 1),
               "vqgan_train_seconds": vq_info["train_seconds"], "all_cases": rows, "ddpm_subset": rows_sub,
               "fidelity": {str(g): f for g, f in fid.items()}, "per_class_following": {str(g): p for g, p in pc.items()},
-              "real_per_class_following": real_pc, "inter_slice": slices, "seams": seams, "overrides": overrides,
+              "real_per_class_following": real_pc, "inter_slice": slices, "seams": seams,
+              "overrides": {**overrides, **({"lesions": args.lesions} if args.lesions != "mixed" else {})},
               "peak_rss_gib": round(peak_rss_gib(), 2)}
     (WORK / f"ldm_{tag}_bench.json").write_text(json.dumps(result, indent=2))
 
@@ -187,7 +193,8 @@ def main() -> None:
 
     md = "\n".join([
         f"## Latent semantic diffusion (stage 2), `tiny` preset on CPU, objective = {cfg.ldm.objective}, "
-        f"latent_norm = {cfg.ldm.latent_norm}", "",
+        f"latent_norm = {cfg.ldm.latent_norm}" + "".join(f", {k} = {v}" for k, v in extra.items())
+        + (f", phantom lesions always {args.lesions}dense" if args.lesions != "mixed" else ""), "",
         header(command_line()),
         f"VQ-GAN from `bench/vqgan.py` ({vq_info['steps']} steps, {vq_info['train_seconds'] / 60:.1f} min); LDM "
         f"{steps} steps of batch {cfg.train_ldm.batch_size} in {train_s / 60:.1f} min (total training "

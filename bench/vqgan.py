@@ -52,10 +52,11 @@ VARIANTS = {
 }
 
 
-def phantoms(n: int, shape: tuple[int, int, int], scale: str = "paper") -> Path:
-    root = WORK / f"phantoms_{scale}_{n}_{'x'.join(map(str, shape))}"
+def phantoms(n: int, shape: tuple[int, int, int], scale: str = "paper", lesions: str = "mixed") -> Path:
+    root = WORK / (f"phantoms_{scale}_{n}_{'x'.join(map(str, shape))}" + ("" if lesions == "mixed" else f"_{lesions}"))
     if not (root / "dataset.json").is_file():
-        write_phantom_dataset(root, n, modality="ct", shape=shape, seed=0, test_fraction=0.2, **SCALES[scale])
+        write_phantom_dataset(root, n, modality="ct", shape=shape, seed=0, test_fraction=0.2, lesions=lesions,
+                              **SCALES[scale])
     return root
 
 

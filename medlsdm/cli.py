@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="paper: a region at the paper's AutoPET voxel size (3 x 2 x 2 mm) around the right kidney, "
                         "spine and liver; abdomen: the whole 96 x 384 x 384 mm abdomen in the shape "
                         "(default: %(default)s)")
+    p.add_argument("--lesions", choices=["mixed", "hypo", "hyper"], default="mixed",
+                   help="liver lesion appearance: per subject hypo- or hyperdense at random (the label map does not "
+                        "say which), or always one of them (default: %(default)s)")
     p.set_defaults(func=_cmd_phantom)
 
     p = sub.add_parser("prepare", help="validate a data set, cache preprocessed samples, print a summary",
@@ -183,7 +186,7 @@ def _cmd_phantom(a: argparse.Namespace) -> None:
         raise UserError("--n must be at least 1")
     region = dict(spacing=PAPER_SPACING, centre=ROI_CENTRE_MM) if a.scale == "paper" else {}
     out = write_phantom_dataset(a.out, a.n, modality=a.modality, shape=_shape(a.shape), seed=a.seed,
-                                test_fraction=a.test_fraction, **region)
+                                test_fraction=a.test_fraction, lesions=a.lesions, **region)
     print(f"wrote {a.n} {a.modality.upper()} phantoms to {out}")
 
 

@@ -14,7 +14,9 @@ from medlsdm.data.phantom import (
     KIDNEY,
     LESION,
     LIVER,
+    PAPER_SPACING,
     PHANTOM_LABELS,
+    ROI_CENTRE_MM,
     SPINE,
     generate_phantom,
     phantom_spacing,
@@ -223,3 +225,29 @@ def test_region_at_a_given_spacing_is_a_window_onto_the_same_anatomy():
     affine = phantom_affine((sd, sh, sw), (8, 64, 64), ROI_CENTRE_MM)
     centre_voxel = affine @ np.array([31.5, 31.5, 3.5, 1.0])  # (x, y, z) = (W, H, D) voxel -> RAS mm
     assert np.allclose(centre_voxel[:3], ROI_CENTRE_MM[::-1])
+
+
+def test_lesion_appearance_switch_changes_only_the_lesions():
+    """lesions="hypo" / "hyper": the same subject, label map and every voxel away from the lesions (the partial-volume
+    blur spreads them by a voxel or two); only the lesions' intensity is fixed below / above the liver (mixed draws it
+    per subject, and the label map cannot tell which)."""
+    import torch
+    import torch.nn.functional as F
+
+    kw = dict(shape=(16, 64, 64), spacing=PAPER_SPACING, centre=ROI_CENTRE_MM)
+    found = 0
+    for seed in range(12):
+        img, lab = generate_phantom(seed, **kw)
+        lesion, liver = lab == LESION, lab == LIVER
+        if lesion.sum() < 20:
+            continue
+        found += 1
+        for kind, sign in (("hypo", -1), ("hyper", 1)):
+            img2, lab2 = generate_phantom(seed, lesions=kind, **kw)
+            np.testing.assert_array_equal(lab2, lab)
+            away = F.max_pool3d(torch.from_numpy(lesion).float()[None, None], 7, 1, 3)[0, 0].numpy() == 0
+            np.testing.assert_array_equal(img2[away], img[away])
+            assert sign * (np.median(img2[lesion]) - np.median(img2[liver])) > 20  # HU
+    assert found >= 3
+    with pytest.raises(UserError, match="lesions"):
+        generate_phantom(0, lesions="both")

@@ -40,6 +40,7 @@ from medlsdm.io import atomic_path, atomic_write_text
 PHANTOM_LABELS = ["background", "body", "liver", "kidney", "spine", "lesion"]
 BACKGROUND, BODY, LIVER, KIDNEY, SPINE, LESION = range(6)
 MODALITIES = ("ct", "mr")
+LESIONS = ("mixed", "hypo", "hyper")  # lesion appearance: per subject at random, or always hypo- / hyperdense
 FOV_MM = (96.0, 384.0, 384.0)  # nominal field of view (D, H, W); a volume of shape s has spacing FOV_MM / s
 PAPER_SPACING = (3.0, 2.0, 2.0)  # (D, H, W) mm: AutoPET's voxel size (paper Table 1)
 # (D, H, W) = (superior, anterior, patient's right) mm: a region around the right kidney, the spine, the great
@@ -178,6 +179,7 @@ def _segment(a: Anatomy, z: torch.Tensor, y: torch.Tensor, x: torch.Tensor, lesi
 def generate_phantom(
     seed: int, shape: tuple[int, int, int] = (16, 64, 64), modality: str = "ct", *, mr_bias: float = 0.3,
     spacing: Optional[tuple[float, float, float]] = None, centre: tuple[float, float, float] = (0.0, 0.0, 0.0),
+    lesions: str = "mixed",
 ) -> tuple[np.ndarray, np.ndarray]:
     """One phantom subject.
 
@@ -189,22 +191,27 @@ def generate_phantom(
         mr_bias: log-amplitude of the smooth multiplicative MR bias field (0 disables it).
         spacing: voxel size (D, H, W) in mm; None: the field of view over ``shape`` (+-5% per subject).
         centre: (D, H, W) = (superior, anterior, right) position in mm of the volume's centre.
+        lesions: "mixed" (each subject's lesions hypodense, p = 0.6, or hyperdense; the label map does not say
+            which), "hypo" or "hyper" (every subject's); everything else is the same for the same seed.
 
     Returns:
         image: float32 (D, H, W); label: uint8 (D, H, W) with values in 0..5 (:data:`PHANTOM_LABELS`).
     """
     shape = _check(shape, modality)
+    if lesions not in LESIONS:
+        raise UserError(f"phantom: lesions must be one of {', '.join(LESIONS)}, got {lesions!r}")
     with _single_thread():
-        return _generate(seed, shape, modality, mr_bias, phantom_spacing(seed, shape, spacing), centre)
+        return _generate(seed, shape, modality, mr_bias, phantom_spacing(seed, shape, spacing), centre, lesions)
 
 
 def _generate(seed: int, shape: tuple[int, int, int], modality: str, mr_bias: float, spacing: tuple[float, ...],
-              centre: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
+              centre: tuple[float, ...], lesions: str = "mixed") -> tuple[np.ndarray, np.ndarray]:
     anat, look, noise = (np.random.default_rng(s) for s in _streams(seed)[:3])
     z, y, x = _grid(shape, spacing, centre)
     a = Anatomy(anat)
     col = 0 if modality == "ct" else 2
-    lesion_kind = "lesion_hyper" if look.random() < 0.4 else "lesion_hypo"
+    hyper = look.random() < 0.4  # drawn in every mode, so the other draws do not depend on ``lesions``
+    lesion_kind = "lesion_hyper" if (hyper if lesions == "mixed" else lesions == "hyper") else "lesion_hypo"
     label, tissue = _segment(a, z, y, x, lesion_kind)
 
     # appearance: per-subject tissue means, textured with smoothed noise
@@ -257,13 +264,14 @@ def write_phantom_dataset(
     overwrite: bool = False,
     spacing: Optional[tuple[float, float, float]] = None,
     centre: tuple[float, float, float] = (0.0, 0.0, 0.0),
+    lesions: str = "mixed",
 ) -> Path:
     """Write ``n`` phantom subjects in the nnU-Net v2 raw layout and return the data set folder.
 
     ``imagesTr/phantom_NNN_0000.nii.gz`` + ``labelsTr/phantom_NNN.nii.gz`` for training and the last
     ``round(n * test_fraction)`` cases (at least 1 when ``n >= 2`` and ``test_fraction > 0``) in
     ``imagesTs`` / ``labelsTs``, plus ``dataset.json``. Case ``i`` uses subject seed ``seed * 100003 + i``.
-    ``spacing`` / ``centre``: as in :func:`generate_phantom` (a region at that voxel size).
+    ``spacing`` / ``centre``: as in :func:`generate_phantom` (a region at that voxel size); ``lesions`` too.
     A folder that already holds files is refused unless ``overwrite`` (then its phantom files are replaced).
     The data set is built in a hidden sibling folder and moved into place when complete, so an
     interrupted run leaves no half-written data set behind.
@@ -272,6 +280,8 @@ def write_phantom_dataset(
     shape = _check(shape, modality)
     if n < 1:
         raise UserError(f"{out}: the number of phantom cases must be at least 1, got {n}")
+    if lesions not in LESIONS:
+        raise UserError(f"{out}: lesions must be one of {', '.join(LESIONS)}, got {lesions!r}")
     if not 0 <= test_fraction < 1:
         raise UserError(f"{out}: test_fraction must be in [0, 1), got {test_fraction}")
     if out.exists() and not out.is_dir():
@@ -283,7 +293,7 @@ def write_phantom_dataset(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the data set is an ordinary folder
     try:
-        _write_cases(tmp, n, modality, shape, seed, test_fraction, progress, spacing, tuple(centre))
+        _write_cases(tmp, n, modality, shape, seed, test_fraction, progress, spacing, tuple(centre), lesions)
         _publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -292,12 +302,12 @@ def write_phantom_dataset(
 
 def _write_cases(
     out: Path, n: int, modality: str, shape: tuple[int, int, int], seed: int, test_fraction: float, progress: bool,
-    spacing: Optional[tuple[float, float, float]], centre: tuple[float, float, float],
+    spacing: Optional[tuple[float, float, float]], centre: tuple[float, float, float], lesions: str = "mixed",
 ) -> None:
     n_test = min(max(round(n * test_fraction), 1 if n >= 2 and test_fraction > 0 else 0), n - 1)
     for i in tqdm(range(n), desc=f"phantoms ({modality})", disable=not progress):
         case_seed = seed * 100003 + i
-        image, label = generate_phantom(case_seed, shape, modality, spacing=spacing, centre=centre)
+        image, label = generate_phantom(case_seed, shape, modality, spacing=spacing, centre=centre, lesions=lesions)
         affine = phantom_affine(phantom_spacing(case_seed, shape, spacing), shape, centre)
         split = "Ts" if i >= n - n_test else "Tr"
         if modality == "ct":  # CT is stored as integer HU, as scanners do
