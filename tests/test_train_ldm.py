@@ -46,6 +46,15 @@ def test_run_is_self_contained(runs: dict[str, Path]) -> None:
     assert any(not torch.equal(ema[k], raw[k]) for k in raw)  # the EMA copy is a different average
 
 
+def test_preview_steps_zero_skips_the_preview(tmp_path: Path, runs: dict[str, Path], micro_config: Path) -> None:
+    """train_ldm.preview_steps: 0 validates (loss) but draws no preview; the module's run (25) drew one."""
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(micro_config.read_text().replace("train_ldm:\n", "train_ldm:\n  preview_steps: 0\n", 1))
+    run = train_ldm(runs["vq"], runs["lat"], cfg, tmp_path / "ldm", max_steps=2, progress=False)
+    assert "loss_ema" in (run / "metrics.csv").read_text()
+    assert not list((run / "previews").glob("*.png"))
+
+
 def test_resume_equals_uninterrupted(tmp_path: Path, runs: dict[str, Path], micro_config: Path) -> None:
     run = tmp_path / "ldm"
     train_ldm(runs["vq"], runs["lat"], micro_config, run, max_steps=2, progress=False)

@@ -70,7 +70,8 @@ class LDMTask(Task):
 
     @torch.no_grad()
     def validate(self, loader: Any, step: int, run_dir: Path) -> dict[str, float]:
-        """Diffusion loss of the EMA model at fixed seeds; one DDIM sample of the first case as a preview."""
+        """Diffusion loss of the EMA model at fixed seeds; one DDIM sample of the first case as a preview
+        (``train_ldm.preview_steps`` steps at most; none when 0)."""
         from medlsdm.data.display import display_window
         from medlsdm.viz import save_preview
 
@@ -84,9 +85,10 @@ class LDMTask(Task):
             losses.append(float(loss))
             first = first or batch
         metrics = {"loss_ema": sum(losses) / max(1, len(losses))}
-        if first is not None:
+        preview = self.cfg.train_ldm.preview_steps
+        if first is not None and preview > 0:
             pipe = SynthesisPipeline(self.vqgan, ema, self.normalizer, self.cfg)
-            vol = pipe.generate(first["label"][:1], sampler="ddim", steps=min(25, self.cfg.ldm.sampling_steps),
+            vol = pipe.generate(first["label"][:1], sampler="ddim", steps=min(preview, self.cfg.ldm.sampling_steps),
                                 generator=torch.Generator(device).manual_seed(0))
             views = {"synthetic": vol[0, 0].cpu().numpy()}
             if "image" in first:
