@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import re
 import resource
+import subprocess
 import sys
 from pathlib import Path
 
@@ -61,3 +63,13 @@ def command_line() -> str:
 def fmt(v, digits: int = 3) -> str:
     """A figure for a Markdown table: ``n/a`` for a missing value."""
     return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+def run_child(script: Path, kind: str, spec: dict) -> dict:
+    """``script --child KIND SPEC_JSON`` in a fresh process (so its peak memory is its own); the last line it prints
+    is its JSON result. A failing child raises with the end of its stderr."""
+    proc = subprocess.run([sys.executable, str(script), "--child", kind, json.dumps(spec)], capture_output=True,
+                          text=True, cwd=Path(script).parent)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{kind} {spec}: {proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])

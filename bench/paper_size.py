@@ -23,15 +23,13 @@ import argparse
 import json
 import resource
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 import yaml
 
-from _common import WORK, command_line, header, write_section
+from _common import WORK, command_line, header, run_child, write_section
 
 HERE = Path(__file__).resolve()
 SHAPE = (32, 256, 256)
@@ -129,14 +127,6 @@ def child_flops(spec: dict) -> dict:
 CHILDREN = {"train": child_train, "sample": child_sample, "flops": child_flops}
 
 
-def run_child(kind: str, spec: dict) -> dict:
-    proc = subprocess.run([sys.executable, str(HERE), "--child", kind, json.dumps(spec)], capture_output=True,
-                          text=True, cwd=HERE.parent)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{kind}: {proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 # ---- main --------------------------------------------------------------------------------------------
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
@@ -177,13 +167,13 @@ def main() -> None:
     for path in (vq_run, lat, ldm_run):
         shutil.rmtree(path, ignore_errors=True)
     steps = args.train_steps
-    vq = run_child("train", {"stage": "vqgan", "config": str(vq_cfg), "run": str(vq_run), "device": args.device,
+    vq = run_child(HERE, "train", {"stage": "vqgan", "config": str(vq_cfg), "run": str(vq_run), "device": args.device,
                              "steps": steps, "data": str(data)})
     encode_dataset(vq_run, data, lat, device=args.device, progress=False)
-    ldm = run_child("train", {"stage": "ldm", "config": str(ldm_cfg), "run": str(ldm_run), "device": args.device,
+    ldm = run_child(HERE, "train", {"stage": "ldm", "config": str(ldm_cfg), "run": str(ldm_run), "device": args.device,
                               "steps": steps, "vqgan": str(vq_run), "data": str(lat)})
-    smp = run_child("sample", {"run": str(ldm_run), "device": args.device, "data": str(data)})
-    fl = run_child("flops", {"config": str(ldm_cfg)})
+    smp = run_child(HERE, "sample", {"run": str(ldm_run), "device": args.device, "data": str(data)})
+    fl = run_child(HERE, "flops", {"config": str(ldm_cfg)})
     calls = smp["steps"] * (2 if smp["guidance"] != 1.0 else 1)
     tflops = calls * fl["unet_gflops"] / 1e3 / smp["sample_seconds"]
     val_every = load_config(args.preset).train_ldm.val_every  # the preset's, not this script's "never"

@@ -24,7 +24,7 @@ from pathlib import Path
 import nibabel as nib
 import torch
 
-from _common import ROOT, WORK, command_line, header, write_section
+from _common import ROOT, WORK, command_line, header, run_child, write_section
 from medlsdm.data.phantom import PAPER_SPACING, ROI_CENTRE_MM, phantom_affine
 
 HERE = Path(__file__).resolve()
@@ -108,14 +108,6 @@ def child_ranks(spec: dict) -> dict:
     return {"wall_seconds": time.perf_counter() - t0, "volumes": len(list(out.glob("*.nii.gz")))}
 
 
-def run_child(kind: str, spec: dict) -> dict:
-    proc = subprocess.run([sys.executable, str(HERE), "--child", kind, json.dumps(spec)], capture_output=True,
-                          text=True, cwd=HERE.parent)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{kind} {spec}: {proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 # ---- FLOPs -----------------------------------------------------------------------------------------
 def flops(preset: str) -> dict:
     """Forward FLOPs of one U-Net call (batch 1) and one VQ-GAN decode at ``preset`` size (counted by
@@ -166,7 +158,7 @@ def main() -> None:
     data = WORK / "phantoms_paper_60_16x64x64"  # bench/vqgan.py's phantom set
 
     def sample(depth=16, sampler="ddim", n=steps, **kw):
-        return run_child("sample", {"run": run, "depth": depth, "sampler": sampler, "steps": n, **kw})
+        return run_child(HERE, "sample", {"run": run, "depth": depth, "sampler": sampler, "steps": n, **kw})
 
     # 1. training steps
     train_rows = []
@@ -176,7 +168,7 @@ def main() -> None:
         ("ldm-ckpt", "ldm", "base: tiny\nldm:\n  use_checkpoint: true\n", {"vqgan": str(WORK / "vqgan_default")}),
     ]:
         src = str(data) if stage == "vqgan" else str(WORK / "latents")
-        r = run_child("train", {"work": str(work), "name": name, "stage": stage, "yaml": yaml, "steps": train_steps,
+        r = run_child(HERE, "train", {"work": str(work), "name": name, "stage": stage, "yaml": yaml, "steps": train_steps,
                                 "data": src, **extra})
         train_rows.append((name, r))
         shutil.rmtree(work / name, ignore_errors=True)
@@ -207,7 +199,7 @@ def main() -> None:
     ranks = {}
     for procs in (1, 2):
         shutil.rmtree(work / f"ranks{procs}", ignore_errors=True)
-        ranks[procs] = run_child("ranks", {"run": run, "labels": str(labels), "out": str(work / f"ranks{procs}"),
+        ranks[procs] = run_child(HERE, "ranks", {"run": run, "labels": str(labels), "out": str(work / f"ranks{procs}"),
                                            "steps": steps, "procs": procs})
 
     # 4. depth
