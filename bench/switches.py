@@ -7,6 +7,7 @@ reads those results and writes the comparison (guidance 2.5, the tiny default) t
     python bench/ldm.py --minutes 15 --ddpm-cases 4                  # the defaults (full sampler tables)
     python bench/ldm.py --minutes 15 --quick --set keep_depth=true --set depth_positions=relative
     python bench/ldm.py --minutes 15 --quick --set class_weight_power=0.5
+    python bench/ldm.py --minutes 15 --quick --lesions hypo          # the same phantoms, every lesion hypodense
     python bench/switches.py
 """
 
@@ -52,7 +53,10 @@ def main() -> None:
         "two 48-slice volumes made in depth windows (1 = no seam); contrast ratio = how conspicuous a class is "
         "against the tissue around it, synthetic / real (1 = as in the real volumes, 0 = invisible). One training "
         "run per row: differences of a few per cent are within run-to-run noise. How many steps a run reached in its "
-        "budget depends on the machine's load at the time (other work ran beside the first row's run).", "",
+        "budget depends on the machine's load at the time (other work ran beside the first row's run). `lesions: hypo` "
+        "is not a model switch but the same phantoms with every liver lesion hypodense (`bench/ldm.py --lesions "
+        "hypo`), where the phantom default draws hypo- or hyperdense lesions per subject and the label map cannot "
+        "tell which.", "",
         "| switches | LDM steps | class error | matched | window SSIM | grid | W1 | seam | "
         + " | ".join(f"{c} contrast" for c in CLASSES) + " |",
         "|---" * (8 + len(CLASSES)) + "|",

@@ -5,7 +5,10 @@ phantoms -> train the VQ-GAN -> encode latents -> train the LDM -> sample the he
 resumes: finished stages are skipped, an interrupted training continues from its checkpoint.
 
 The phantoms are a 128 x 128 x 48 mm region at the paper's AutoPET voxel size (3 x 2 x 2 mm) around the right
-kidney, the spine and the liver, so that organs span as many voxels as in the paper's data. SUMMARY.md
+kidney, the spine and the liver, so that organs span as many voxels as in the paper's data. Their liver lesions
+are all hypodense (``lesions="hypo"``): with the phantom default, where each subject's lesions are hypo- or
+hyperdense at random and the label map does not say which, the model draws the average of the two, i.e. no
+lesion (BENCHMARKS.md, ``ldm-switches``: lesion contrast ratio 0.17 mixed vs 1.07 hypo). SUMMARY.md
 holds, for the held-out label maps, the per-class table (median HU of each class, real vs synthetic), the
 window metrics and the grid-artifact ratio (``medlsdm.evaluation.fidelity``); ``samples/real_vs_synthetic.png``
 shows real and synthetic volumes side by side in the CT display window.
@@ -32,6 +35,7 @@ from medlsdm.runs import latest_step
 from medlsdm.training.latents import encode_dataset
 from medlsdm.training.run import train_ldm, train_vqgan
 
+DEMO_LESIONS = "hypo"  # one lesion appearance per label class: see the module docstring
 # sized so the demo finishes within 15 minutes on 2 CPU cores (measured 2026-12-03: ~0.42 s per VQ-GAN step without
 # discriminators, ~0.25 s per LDM step; README gives the measured total). The VQ-GAN gets 800 steps because its
 # display-window PSNR still rises steeply there (bench/vqgan.py, variant window-l1-gan-at-1000: 23.5 dB at step
@@ -63,7 +67,7 @@ def run_demo(out: Path, device: str = "cpu", fast: bool = False) -> Path:
 
     if not (data / "dataset.json").is_file():
         stage("phantoms", write_phantom_dataset, data, plan["cases"], modality="ct", shape=cfg.data.shape, seed=0,
-              test_fraction=0.2, spacing=PAPER_SPACING, centre=ROI_CENTRE_MM)
+              test_fraction=0.2, spacing=PAPER_SPACING, centre=ROI_CENTRE_MM, lesions=DEMO_LESIONS)
     if not _done(vq_run, plan["vqgan_steps"]):
         stage("train VQ-GAN", train_vqgan, data, config, vq_run, max_steps=plan["vqgan_steps"],
               resume=latest_step(vq_run) is not None, device=device)
@@ -86,7 +90,9 @@ def _anatomy(data: Path, samples: Path, cfg: Config) -> list[str]:
     montage_figure(samples / "real_vs_synthetic.png", real, synth, partner, cfg)
     return ["## Synthetic vs real, where the anatomy is", "",
             f"{len(synth)} synthetic volumes vs the real volumes of the same held-out label maps; "
-            f"`{(samples / 'real_vs_synthetic.png').name}` shows four of them side by side.", "", *markdown(fid), ""]
+            f"`{(samples / 'real_vs_synthetic.png').name}` shows four of them side by side. The phantoms' liver lesions are "
+            f"all {DEMO_LESIONS}dense here: where a label class covers two appearances (the phantom default, "
+            "`--lesions mixed`), the model draws their average and the lesion disappears (README).", "", *markdown(fid), ""]
 
 
 def _summary(out: Path, data: Path, samples: Path, timings: dict[str, float], plan: dict, cfg: Config) -> Path:
