@@ -71,6 +71,18 @@ def test_csv_and_json_manifests(tmp_path):
         find_cases(tmp_path / "d" / "m.json")
 
 
+def test_manifest_ids_that_would_escape_the_output_folder_are_refused(tmp_path):
+    """A manifest id names the latents / volumes written for it: `../../escaped` would write outside --out."""
+    write_pair(tmp_path / "d", "x", seed=1)
+    for bad in ("../../escaped_case", "a/b", "..", ".hidden", "a\\b"):
+        path = tmp_path / "d" / "m.json"
+        path.write_text(json.dumps([{"id": bad, "image": "images/x.nii.gz", "label": "labels/x.nii.gz"}]))
+        with pytest.raises(UserError, match="cannot name a file"):
+            find_cases(path)
+    path.write_text(json.dumps([{"id": "patient 7 (follow-up)", "image": "images/x.nii.gz"}]))
+    assert find_cases(path)[0].id == "patient 7 (follow-up)"
+
+
 def test_nnunet_splits_and_label_names(tmp_path):
     root = tmp_path / "Dataset001_Toy"
     labels = {"background": 0, "liver": 1, "tumour": 3}

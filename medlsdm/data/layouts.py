@@ -37,6 +37,17 @@ def case_name(path: Path) -> str:
     return name[: -len("_0000")] if name.endswith("_0000") else name
 
 
+def check_case_id(case_id: str, source: Path) -> str:
+    """``case_id`` if it is safe as a file name (outputs are named after it), else a one-line UserError naming
+    ``source``: no path separator, no NUL, not ``.`` / ``..``, no leading dot, at most 200 characters."""
+    bad = ("/" in case_id or "\\" in case_id or "\0" in case_id or case_id in (".", "..") or case_id.startswith(".")
+           or not case_id or len(case_id) > 200)
+    if bad:
+        raise UserError(f"{source}: case id {case_id!r} cannot name a file (no '/', '\\', leading '.' or '..'; "
+                        "1-200 characters)")
+    return case_id
+
+
 def _first_channel(path: Path) -> bool:
     stem = _NIFTI.sub("", path.name)
     return not _CHANNEL.search(stem) or stem.endswith("_0000")
@@ -116,7 +127,7 @@ def _manifest(path: Path) -> list[Case]:
         image = check_exists(path.parent / str(row["image"]).strip())
         label = row.get("label")
         label = check_exists(path.parent / str(label).strip()) if label not in (None, "") else None
-        case_id = str(row.get("id") or "").strip() or case_name(image)
+        case_id = check_case_id(str(row.get("id") or "").strip() or case_name(image), path)
         if case_id in seen:
             raise UserError(f"{path}: case id '{case_id}' appears twice")
         seen.add(case_id)
