@@ -14,6 +14,7 @@ their sampler's output already is the volume.
 from __future__ import annotations
 
 import dataclasses
+import math
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,15 +89,22 @@ class SynthesisPipeline:
         Label maps deeper than the training shape are denoised and decoded on overlapping depth windows of
         the training depth (``ldm.window_overlap``), so memory stays that of the training window."""
         ldm = self.cfg.ldm
+        scale = ldm.guidance_scale if guidance is None else guidance
+        if not math.isfinite(scale):
+            raise UserError(f"--guidance must be a finite number, got {scale}")
+        if steps is not None and steps < 1:
+            raise UserError(f"--steps must be at least 1, got {steps}")
         onehot = one_hot(labels.to(self.device), self.cfg.data.num_classes)
         if ldm.window_batch < 1:
             raise UserError(f"config: ldm.window_batch must be at least 1, got {ldm.window_batch}")
         options = dict(window=self.window, overlap=self.overlap, window_batch=ldm.window_batch,
                        cache=ldm.spade_cache, precision=ldm.sample_precision, compile=ldm.sample_compile)
-        z = self.diffusion.sample(onehot, sampler or ldm.sampler, steps or ldm.sampling_steps,
-                                  ldm.guidance_scale if guidance is None else guidance, eta, generator, progress,
-                                  **options)
-        return self.decode_latents(z) if self.vqgan is not None else z.float().clamp(-1, 1)
+        z = self.diffusion.sample(onehot, sampler or ldm.sampler, steps or ldm.sampling_steps, scale, eta, generator,
+                                  progress, **options)
+        vol = self.decode_latents(z) if self.vqgan is not None else z.float().clamp(-1, 1)
+        if not bool(torch.isfinite(vol).all()):  # never write a meaningless volume with exit 0
+            raise UserError("sampling produced NaN or inf values: the model's weights or sampling settings are broken")
+        return vol
 
     @property
     def window(self) -> int:

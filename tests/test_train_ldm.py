@@ -189,3 +189,32 @@ def test_previews_use_the_display_window(tmp_path: Path, runs: dict[str, Path], 
     monkeypatch.setattr(medlsdm.viz, "save_preview", lambda path, volumes, **kw: seen.append(kw))
     sample_to_folder(runs["ldm"], phantoms / "labelsTs", tmp_path / "syn", steps=2, device="cpu", progress=False)
     assert seen and all((kw["vmin"], kw["vmax"]) == pytest.approx((-0.16, 0.24)) for kw in seen)
+
+
+def test_garbage_settings_and_broken_weights_stop_with_one_line(tmp_path: Path, runs: dict[str, Path]) -> None:
+    """Non-finite guidance, zero steps and weights holding NaN never write meaningless volumes with exit 0."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    pipe = SynthesisPipeline.from_pretrained(runs["ldm"], device="cpu")
+    d, h, w = pipe.cfg.data.shape
+    label = torch.zeros(1, 1, d, h, w, dtype=torch.long)
+    for kw, msg in (({"guidance": float("nan")}, "finite"), ({"guidance": float("inf")}, "finite"),
+                    ({"steps": 0}, "at least 1")):
+        with pytest.raises(UserError, match=msg):
+            pipe.generate(label, **kw)
+    pipe.decode_latents = lambda z: torch.full((1, 1, d, h, w), float("nan"))  # a decoder gone wrong
+    with pytest.raises(UserError, match="NaN or inf"):
+        pipe.generate(label, steps=1)
+    broken = tmp_path / "ldm"
+    shutil.copytree(runs["ldm"], broken)
+    latest = (broken / "checkpoints" / "latest").read_text().strip()
+    path = broken / "checkpoints" / latest / "unet_ema.safetensors"
+    state = load_weights(path)
+    key = next(k for k, v in state.items() if v.is_floating_point() and v.numel() > 1)
+    state[key] = state[key].clone()
+    state[key].view(-1)[0] = float("nan")
+    save_file(state, str(path))
+    with pytest.raises(UserError, match=r"unet_ema\.safetensors: 1 tensors hold NaN"):
+        SynthesisPipeline.from_pretrained(broken, device="cpu")
