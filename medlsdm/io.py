@@ -21,9 +21,17 @@ from safetensors.torch import load_file, save_file
 from medlsdm.errors import UserError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; it replaces ``path`` only if the block succeeds."""
+    """Yield a temporary path next to ``path``; it replaces ``path`` only if the block succeeds. The file gets
+    the mode an ordinary ``open`` would give it (0666 minus the umask), not mkstemp's private 0600, so that
+    colleagues sharing a group folder can read the volumes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -31,6 +39,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
