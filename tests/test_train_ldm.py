@@ -218,3 +218,13 @@ def test_garbage_settings_and_broken_weights_stop_with_one_line(tmp_path: Path, 
     save_file(state, str(path))
     with pytest.raises(UserError, match=r"unet_ema\.safetensors: 1 tensors hold NaN"):
         SynthesisPipeline.from_pretrained(broken, device="cpu")
+
+
+def test_sample_no_progress_prints_no_bar(tmp_path: Path, runs: dict[str, Path], phantoms: Path, capsys) -> None:
+    label = sorted((phantoms / "labelsTs").glob("*.nii.gz"))[0]
+    base = ["sample", "--model", str(runs["ldm"]), "--labels", str(label), "--steps", "1", "--device", "cpu"]
+    assert main([*base, "--out", str(tmp_path / "a")]) == 0
+    assert "volume" in capsys.readouterr().err  # the bar ("sample: ... volume/s") on stderr
+    assert main([*base, "--out", str(tmp_path / "b"), "--no-progress"]) == 0
+    out = capsys.readouterr()
+    assert "volume" not in out.err and "wrote 1 volume(s)" in out.out
