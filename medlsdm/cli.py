@@ -282,12 +282,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         func(args)
     except UserError as exc:
-        print(f"medlsdm: error: {exc}", file=sys.stderr)
+        _error(f"medlsdm: error: {exc}")
+        return 2
+    except OSError as exc:  # the machine's side: --out is a file, no permission, read-only, disk full
+        where = f"{exc.filename}: " if exc.filename else ""
+        _error(f"medlsdm: error: {where}{exc.strerror or exc}")
         return 2
     except KeyboardInterrupt:
-        print("medlsdm: interrupted", file=sys.stderr)
+        _error("medlsdm: interrupted")
         return 130
     return 0
+
+
+def _error(message: str) -> None:
+    """One line on stderr, never on a progress bar's line (tqdm.write moves an active bar out of the way)."""
+    from tqdm import tqdm
+
+    tqdm.write(message, file=sys.stderr)
 
 
 if __name__ == "__main__":  # pragma: no cover

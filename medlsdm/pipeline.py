@@ -210,9 +210,13 @@ def sample_to_folder(model: Path, labels: Path, out: Path, n_per_label: int = 1,
 
     if n_per_label < 1 or batch_size < 1:
         raise UserError("--n-per-label and --batch-size must be at least 1")
+    out, labels = Path(out), Path(labels)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: --out exists and is not a folder")
+    if labels.is_dir() and out.resolve() == labels.resolve():
+        raise UserError(f"{out}: --out is the --labels folder; a re-run would read the volumes as label maps")
     pipe = SynthesisPipeline.from_pretrained(model, device).configure(**(options or {}))
     files = label_files(labels)
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(f, k) for f in files for k in range(n_per_label)][rank::world_size]
     todo = [(f, k) for f, k in jobs if not (out / f"{_stem(f)}_s{k}.nii.gz").exists()]

@@ -228,3 +228,39 @@ def test_sample_no_progress_prints_no_bar(tmp_path: Path, runs: dict[str, Path],
     assert main([*base, "--out", str(tmp_path / "b"), "--no-progress"]) == 0
     out = capsys.readouterr()
     assert "volume" not in out.err and "wrote 1 volume(s)" in out.out
+
+
+def test_sample_output_side_errors_are_one_line(tmp_path: Path, runs: dict[str, Path], phantoms: Path, capsys,
+                                               monkeypatch) -> None:
+    """--out a file, --out the labels folder, a read-only --out, a full disk: exit 2, one line, nothing written."""
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    src = sorted((phantoms / "labelsTs").glob("*.nii.gz"))[0]
+    (labels / src.name).write_bytes(src.read_bytes())
+    base = ["sample", "--model", str(runs["ldm"]), "--labels", str(labels), "--steps", "1", "--device", "cpu"]
+    (tmp_path / "file").write_text("x")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    cases = [("file", "exists and is not a folder"), ("labels", "is the --labels folder")]
+    if os.geteuid() != 0:  # root writes into read-only folders anyway
+        cases.append(("ro", "Permission denied"))
+    for out, msg in cases:
+        assert main([*base, "--out", str(tmp_path / out), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and err.count("\n") == 1 and "Traceback" not in err
+    assert sorted(p.name for p in labels.iterdir()) == [src.name]
+    ro.chmod(0o755)
+
+    import errno
+
+    import medlsdm.pipeline
+
+    def full(volume, geometry, path, cfg):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(medlsdm.pipeline, "save_volume", full)
+    assert main([*base, "--out", str(tmp_path / "full"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not list((tmp_path / "full").glob("*.nii.gz"))
