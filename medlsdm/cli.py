@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="U-Net under bf16 autocast (auto: on GPU only); default: the config's ldm.sample_precision")
     p.add_argument("--compile", action="store_true", help="torch.compile the U-Net (pays off for many volumes)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs, batch jobs)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="--out holds volumes made with other settings (or of unknown origin): remove them first")
     p.add_argument("--no-spade-cache", action="store_true",
                    help="recompute SPADE's label-map modulations at every step (reference path; slower)")
     p.add_argument("--window-overlap", type=float, default=None,
@@ -238,7 +240,8 @@ def _cmd_sample(a: argparse.Namespace) -> None:
         written = sample_to_folder(a.model, a.labels, a.out, n_per_label=a.n_per_label, sampler=a.sampler,
                                    steps=a.steps, guidance=a.guidance, seed=a.seed, batch_size=a.batch_size,
                                    device=str(ctx.device), rank=ctx.rank, world_size=ctx.world_size,
-                                   progress=ctx.is_main and not a.no_progress, options=options)
+                                   progress=ctx.is_main and not a.no_progress, options=options,
+                                   overwrite=a.overwrite)
     finally:
         cleanup_distributed()
     where = f" (rank {ctx.rank} of {ctx.world_size})" if ctx.enabled else ""

@@ -14,6 +14,7 @@ their sampler's output already is the volume.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import zlib
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from medlsdm.diffusion.baselines import build_baseline, is_baseline
 from medlsdm.diffusion.model import LatentDiffusion
 from medlsdm.diffusion.windows import DepthWindows
 from medlsdm.errors import UserError
-from medlsdm.io import load_into
+from medlsdm.io import atomic_write_text, file_sha256, load_into
 from medlsdm.runs import latest_weights, load_vqgan, run_config
 from medlsdm.training.distributed import resolve_device
 
@@ -193,23 +194,56 @@ def volume_seed(seed: int, name: str, k: int) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode()) * 31 + k) % (2**63 - 1)
 
 
+SAMPLE_INFO = "sample_info.json"
+
+
+def _claim_folder(out: Path, info: dict, overwrite: bool) -> None:
+    """Make ``out`` a folder of volumes made with ``info`` (see :func:`sample_to_folder`), or stop with one line."""
+    record = out / SAMPLE_INFO
+    volumes = sorted(out.glob("*.nii.gz")) if out.is_dir() else []
+    if record.is_file():
+        try:
+            old = json.loads(record.read_text())
+        except (OSError, json.JSONDecodeError):
+            old = None
+        if old != info and not overwrite:
+            diff = "unreadable record" if not isinstance(old, dict) else ", ".join(
+                f"{k} {old.get(k)!r} -> {info[k]!r}" for k in info if old.get(k) != info[k])
+            raise UserError(f"{out}: holds volumes made with other settings ({diff}); use another --out, the same "
+                            "settings, or --overwrite")
+    elif volumes and not overwrite:
+        raise UserError(f"{out}: holds {len(volumes)} volume(s) of unknown origin (no {SAMPLE_INFO}); use another "
+                        "--out or --overwrite")
+    if overwrite:
+        for path in volumes + sorted(out.glob("*_s*.png")):
+            path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(record, json.dumps(info, indent=2) + "\n")
+
+
 def sample_to_folder(model: Path, labels: Path, out: Path, n_per_label: int = 1, sampler: Optional[str] = None,
                      steps: Optional[int] = None, guidance: Optional[float] = None, seed: int = 0,
                      batch_size: int = 1, device: str = "auto", progress: bool = True,
                      rank: int = 0, world_size: int = 1, preview: bool = True,
-                     options: Optional[dict] = None) -> list[Path]:
+                     options: Optional[dict] = None, overwrite: bool = False) -> list[Path]:
     """Generate ``n_per_label`` volumes per label map into ``out`` (``<label>_s<k>.nii.gz`` + ``.png``).
 
     Resumable: volumes already present are skipped. Every volume depends only on (seed, label file name,
     k): each has its own noise generator, also when ``batch_size`` volumes (label maps of one shape) go
     through the U-Net together. Under torchrun each rank takes every ``world_size``-th job, so nothing is
     generated twice. ``options``: :meth:`SynthesisPipeline.configure` overrides (efficiency switches).
+
+    ``out/sample_info.json`` records what made the volumes (model weights' hash, sampler, steps, guidance, seed,
+    switches): resuming or adding volumes needs the same settings; other settings, or volumes of unknown origin,
+    stop with one line unless ``overwrite`` (which removes the old volumes and previews first).
     """
     from medlsdm.data.display import display_window
     from medlsdm.viz import save_preview
 
     if n_per_label < 1 or batch_size < 1:
         raise UserError("--n-per-label and --batch-size must be at least 1")
+    if overwrite and world_size > 1:  # one rank would delete what another has just written
+        raise UserError("--overwrite needs a single process: remove the old volumes first, or run it without torchrun")
     out, labels = Path(out), Path(labels)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: --out exists and is not a folder")
@@ -217,6 +251,12 @@ def sample_to_folder(model: Path, labels: Path, out: Path, n_per_label: int = 1,
         raise UserError(f"{out}: --out is the --labels folder; a re-run would read the volumes as label maps")
     pipe = SynthesisPipeline.from_pretrained(model, device).configure(**(options or {}))
     files = label_files(labels)
+    ldm = pipe.cfg.ldm
+    info = {"model_weights_sha256": file_sha256(latest_weights(Path(model), "unet_ema")),
+            "sampler": sampler or ldm.sampler, "steps": steps or ldm.sampling_steps,
+            "guidance": ldm.guidance_scale if guidance is None else guidance, "seed": seed,
+            "switches": {k: v for k, v in sorted((options or {}).items())}}
+    _claim_folder(out, info, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(f, k) for f in files for k in range(n_per_label)][rank::world_size]
     todo = [(f, k) for f, k in jobs if not (out / f"{_stem(f)}_s{k}.nii.gz").exists()]

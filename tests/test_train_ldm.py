@@ -264,3 +264,29 @@ def test_sample_output_side_errors_are_one_line(tmp_path: Path, runs: dict[str, 
     err = capsys.readouterr().err
     assert "No space left on device" in err and err.count("\n") == 1 and "Traceback" not in err
     assert not list((tmp_path / "full").glob("*.nii.gz"))
+
+
+def test_sample_folder_knows_what_made_it(tmp_path: Path, runs: dict[str, Path], phantoms: Path, capsys) -> None:
+    """sample_info.json records the settings; other settings or foreign volumes stop unless --overwrite."""
+    label = sorted((phantoms / "labelsTs").glob("*.nii.gz"))[0]
+    out = tmp_path / "syn"
+    base = ["sample", "--model", str(runs["ldm"]), "--labels", str(label), "--out", str(out), "--steps", "1",
+            "--device", "cpu", "--no-progress"]
+    assert main([*base, "--seed", "0"]) == 0
+    info = json.loads((out / "sample_info.json").read_text())
+    assert info["seed"] == 0 and info["steps"] == 1 and len(info["model_weights_sha256"]) == 12
+    assert "/" not in json.dumps(info)  # no paths: the folder may be shared
+    first = nib.load(str(next(out.glob("*.nii.gz")))).get_fdata()
+    assert main([*base, "--seed", "0", "--n-per-label", "2"]) == 0  # same settings: adds a volume
+    assert len(list(out.glob("*.nii.gz"))) == 2
+    capsys.readouterr()
+    assert main([*base, "--seed", "1"]) == 2
+    assert "seed 0 -> 1" in capsys.readouterr().err
+    assert main([*base, "--seed", "1", "--overwrite"]) == 0
+    assert len(list(out.glob("*.nii.gz"))) == 1  # the seed-0 volumes are gone, one seed-1 volume written
+    assert not np.array_equal(nib.load(str(next(out.glob("*.nii.gz")))).get_fdata(), first)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "other_s0.nii.gz").write_bytes(label.read_bytes())
+    assert main([*base[:6], str(foreign), *base[7:]]) == 2
+    assert "unknown origin" in capsys.readouterr().err
