@@ -50,14 +50,14 @@ def train(method: str, data: Path, minutes: float, vq_share: float, work: Path) 
     t0 = time.perf_counter()
     if method == "lsdm":
         vq = train_vqgan(data, "tiny", root / "vqgan", max_steps=100000, max_minutes=minutes * vq_share,
-                         device="cpu", progress=False)
+                         device="cpu", progress=False, overwrite=True)
         lat = encode_dataset(vq, data, root / "latents", device="cpu", progress=False)
         left = minutes - (time.perf_counter() - t0) / 60
         run = train_ldm(vq, lat, "tiny", root / "run", max_steps=100000, max_minutes=max(left, 0.1), device="cpu",
-                        progress=False)
+                        progress=False, overwrite=True)
     else:
         run = train_ldm(None, data, "tiny", root / "run", max_steps=100000, max_minutes=minutes, device="cpu",
-                        progress=False, method=method)
+                        progress=False, method=method, overwrite=True)
     return run, {"train_seconds": time.perf_counter() - t0, "steps": latest_step(run)}
 
 

@@ -85,7 +85,7 @@ def child_train(spec: dict) -> dict:
     fn = train_vqgan if spec["stage"] == "vqgan" else train_ldm
     args = (spec["data"],) if spec["stage"] == "vqgan" else (spec["vqgan"], spec["data"])
     run = work / spec["name"]
-    fn(*args, cfg, run, max_steps=warm, device="cpu", progress=False)
+    fn(*args, cfg, run, max_steps=warm, device="cpu", progress=False, overwrite=True)
     t0 = time.perf_counter()
     fn(*args, cfg, run, max_steps=total, resume=True, device="cpu", progress=False)
     return {"seconds_per_step": (time.perf_counter() - t0) / (total - warm),

@@ -181,7 +181,8 @@ def main() -> None:
         if latest_step(run) is None or not timing.is_file():  # a run without its timing is retrained
             shutil.rmtree(run, ignore_errors=True)
             t0 = time.perf_counter()
-            train_vqgan(data, config, run, max_steps=100000, max_minutes=args.minutes, device="cpu", progress=False)
+            train_vqgan(data, config, run, max_steps=100000, max_minutes=args.minutes, device="cpu", progress=False,
+                        overwrite=True)
             timing.write_text(f"{time.perf_counter() - t0:.1f}\n")
         train_s = float(timing.read_text())
         steps = latest_step(run)

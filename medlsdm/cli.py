@@ -36,6 +36,8 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, default=None, help="training length in optimiser steps (default: config)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this much wall time")
     p.add_argument("--resume", action="store_true", help="continue exactly from the newest checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="--out holds another training run: remove its checkpoints, logs and previews, start again")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
     p.add_argument("--seed", type=int, default=None, help="override the config's seed")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -207,7 +209,8 @@ def _cmd_train_vqgan(a: argparse.Namespace) -> None:
     from medlsdm.training.run import train_vqgan
 
     train_vqgan(a.data, a.config, a.out, layout=a.layout, label_dir=a.label_dir, max_steps=a.max_steps,
-                resume=a.resume, device=a.device, seed=a.seed, progress=not a.no_progress, max_minutes=a.max_minutes)
+                resume=a.resume, device=a.device, seed=a.seed, progress=not a.no_progress, max_minutes=a.max_minutes,
+                overwrite=a.overwrite)
 
 
 def _cmd_encode(a: argparse.Namespace) -> None:
@@ -222,7 +225,7 @@ def _cmd_train_ldm(a: argparse.Namespace) -> None:
 
     train_ldm(a.vqgan, a.data, a.config, a.out, layout=a.layout, label_dir=a.label_dir, max_steps=a.max_steps,
               resume=a.resume, device=a.device, seed=a.seed, progress=not a.no_progress, max_minutes=a.max_minutes,
-              method=a.method, allow_vqgan_mismatch=a.allow_vqgan_mismatch)
+              method=a.method, allow_vqgan_mismatch=a.allow_vqgan_mismatch, overwrite=a.overwrite)
 
 
 def _cmd_sample(a: argparse.Namespace) -> None:

@@ -159,7 +159,13 @@ def test_keep_best_keeps_the_best_validation_weights_across_resume(tmp_path: Pat
     assert all(torch.equal(load_weights(kept)[k], at4[k]) for k in at4)
     assert not all(torch.equal(load_weights(kept)[k], t.task.net.state_dict()[k]) for k in at4)  # latest differs
     assert sorted(p.name for p in (run / "best").iterdir()) == ["best.json", "step_0000004"]  # nothing half-written
-    _scored_trainer(run, "score").fit(2)  # a new run (no --resume) into the folder starts a new record
+    with pytest.raises(UserError, match="already holds a training run"):
+        _scored_trainer(run, "score").fit(2)  # a new run (no --resume) would mix with the old one's files
+    from medlsdm.training.run import claim_run_dir
+
+    claim_run_dir(run, resume=False, overwrite=True)  # what --overwrite does: the old run's outputs go
+    assert not (run / "checkpoints").exists() and not (run / "best").exists()
+    _scored_trainer(run, "score").fit(2)  # and the new run starts a new record
     assert json.loads((run / "best" / "best.json").read_text())["step"] == 2
 
 

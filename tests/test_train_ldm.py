@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -193,8 +194,6 @@ def test_previews_use_the_display_window(tmp_path: Path, runs: dict[str, Path], 
 
 def test_garbage_settings_and_broken_weights_stop_with_one_line(tmp_path: Path, runs: dict[str, Path]) -> None:
     """Non-finite guidance, zero steps and weights holding NaN never write meaningless volumes with exit 0."""
-    import shutil
-
     from safetensors.torch import save_file
 
     pipe = SynthesisPipeline.from_pretrained(runs["ldm"], device="cpu")
@@ -290,3 +289,41 @@ def test_sample_folder_knows_what_made_it(tmp_path: Path, runs: dict[str, Path],
     (foreign / "other_s0.nii.gz").write_bytes(label.read_bytes())
     assert main([*base[:6], str(foreign), *base[7:]]) == 2
     assert "unknown origin" in capsys.readouterr().err
+
+
+def test_a_new_run_or_encode_never_mixes_with_an_old_one(tmp_path: Path, runs: dict[str, Path], phantoms: Path,
+                                                          micro_config: Path, monkeypatch) -> None:
+    """Training into a folder that holds a run needs --resume or --overwrite (checked before anything is written);
+    encode replaces a latents folder whole, refuses other folders, and a failed encode leaves the old one intact."""
+    info = (runs["ldm"] / "run_info.json").read_bytes()
+    with pytest.raises(UserError, match="already holds a training run"):
+        train_ldm(runs["vq"], runs["lat"], micro_config, runs["ldm"], max_steps=2, progress=False)
+    assert (runs["ldm"] / "run_info.json").read_bytes() == info
+    run = tmp_path / "again"
+    shutil.copytree(runs["ldm"], run)
+    train_ldm(runs["vq"], runs["lat"], micro_config, run, max_steps=2, progress=False, overwrite=True)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step_")) == ["step_0000002"]
+
+    lat = tmp_path / "lat"
+    shutil.copytree(runs["lat"], lat)
+    (lat / "stale_case.safetensors").write_bytes((lat / next(p.name for p in lat.glob("*.safetensors"))).read_bytes())
+    encode_dataset(runs["vq"], phantoms, lat, progress=False)
+    assert not (lat / "stale_case.safetensors").exists()  # re-encoding replaces, never mixes
+    assert sorted(p.name for p in lat.iterdir()) == sorted(p.name for p in runs["lat"].iterdir())
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "todo.txt").write_text("mine")
+    with pytest.raises(UserError, match="not a latents folder"):
+        encode_dataset(runs["vq"], phantoms, other, progress=False)
+    before = sorted(p.name for p in lat.iterdir())
+
+    import medlsdm.training.latents as latents
+
+    def broken(*a, **k):
+        raise UserError("disk gone")
+
+    monkeypatch.setattr(latents, "save_weights", broken)
+    with pytest.raises(UserError, match="disk gone"):
+        encode_dataset(runs["vq"], phantoms, lat, progress=False)
+    assert sorted(p.name for p in lat.iterdir()) == before and (lat / "stats.json").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left

@@ -239,6 +239,9 @@ class Trainer:
                 raise UserError(f"{self.run_dir}: --resume given but no checkpoint was found there")
             self.load_checkpoint(ckpt)
         else:
+            if self.latest_checkpoint() is not None:  # a new run would mix its checkpoints and logs with the old one's
+                raise UserError(f"{self.run_dir}: already holds a training run; pass --resume to continue it, or "
+                                "use another --out (or remove this folder) for a new run")
             torch.manual_seed(self.cfg.seed * 1000 + self.dist.rank)
             if self.dist.is_main:  # a new run keeps no best weights of an earlier one
                 shutil.rmtree(self.run_dir / "best", ignore_errors=True)

@@ -10,6 +10,9 @@ Latents folder::
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -42,7 +45,28 @@ def encode_dataset(vqgan_dir: Path, data: Path, out: Path, layout: str = "auto",
         missing = next(c for c in cases if c.label is None)
         raise UserError(f"{missing.image}: no label map; diffusion training needs image/label pairs")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not is_latents_dir(out))):
+        raise UserError(f"{out}: exists and is not a latents folder; encode into a new or empty folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # written in a hidden sibling and swapped in whole: a failed encode leaves the old folder as it was, and a
+    # re-encode replaces the old latents instead of mixing with them
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp.chmod(0o755)
+    try:
+        _encode_into(tmp, vqgan, cfg, vqgan_dir, cases, dev, progress)
+        old = out.with_name(f".{out.name}.old") if out.exists() else None
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _encode_into(out: Path, vqgan, cfg, vqgan_dir: Path, cases: list, dev: torch.device, progress: bool) -> None:
     dataset = VolumeDataset(cases, cfg.data, with_images=True, with_labels=True, cache_dir=cfg.data.cache_dir)
     stats = ChannelStats()
     for i in tqdm(range(len(dataset)), desc="encode", disable=not progress):
@@ -53,11 +77,10 @@ def encode_dataset(vqgan_dir: Path, data: Path, out: Path, layout: str = "auto",
     zmin, zmax = vqgan.codebook_range()
     weights = selected_weights(vqgan_dir, "vqgan")
     mean, std = stats.result()
-    LatentNormalizer(zmin, zmax, "codebook", mean, std).save(out / "stats.json", vqgan_run=str(Path(vqgan_dir).resolve()),
-                                       vqgan_weights_sha256=file_sha256(weights), cases=len(dataset),
-                                       image_shape=list(cfg.data.shape), latent_shape=list(z.shape))
+    LatentNormalizer(zmin, zmax, "codebook", mean, std).save(
+        out / "stats.json", vqgan_run=str(Path(vqgan_dir).resolve()), vqgan_weights_sha256=file_sha256(weights),
+        cases=len(dataset), image_shape=list(cfg.data.shape), latent_shape=list(z.shape))
     save_config(cfg, out / "config.yaml")
-    return out
 
 
 class LatentDataset(Dataset):

@@ -23,7 +23,7 @@ from medlsdm.data.dataset import VolumeDataset, split_cases
 from medlsdm.data.layouts import find_cases
 from medlsdm.errors import UserError
 from medlsdm.io import atomic_write_text, file_sha256
-from medlsdm.runs import load_vqgan, run_config, selected_weights
+from medlsdm.runs import latest_step, load_vqgan, run_config, selected_weights
 from medlsdm.training.distributed import DistContext, cleanup_distributed, init_distributed
 from medlsdm.training.engine import Trainer
 from medlsdm.training.latents import LatentDataset, encode_dataset, is_latents_dir
@@ -41,6 +41,27 @@ def _resolve(config: Optional[str | Path], out: Path, resume: bool, seed: Option
     if seed is not None:
         cfg.seed = seed
     return cfg
+
+
+RUN_OUTPUTS = ("checkpoints", "best", "previews", "metrics.csv", "ddp_check.json")
+
+
+def claim_run_dir(out: Path, resume: bool, overwrite: bool = False) -> None:
+    """A training run owns ``out``: without ``resume`` a folder that holds another run's checkpoints stops with one
+    line (a new run would mix its checkpoints and logs with the old ones), unless ``overwrite``, which removes that
+    run's outputs first (``RUN_OUTPUTS``). Called before anything is written."""
+    out = Path(out)
+    if resume or latest_step(out) is None:
+        return
+    if not overwrite:
+        raise UserError(f"{out}: already holds a training run; pass --resume to continue it, --overwrite to start "
+                        "again in this folder, or use another --out")
+    for name in RUN_OUTPUTS:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _write_run_info(out: Path, dist: DistContext, **extra: object) -> None:
@@ -65,11 +86,13 @@ def _image_split(data: Path, cfg: Config, layout: str, label_dir: Optional[Path]
 def train_vqgan(data: Path, config: Optional[str | Path], out: Path, layout: str = "auto",
                 label_dir: Optional[Path] = None, max_steps: Optional[int] = None, resume: bool = False,
                 device: str = "auto", seed: Optional[int] = None, progress: bool = True,
-                max_minutes: Optional[float] = None) -> Path:
-    """Train the 3D VQ-GAN on the images of ``data`` (labels are ignored) into run folder ``out``."""
+                max_minutes: Optional[float] = None, overwrite: bool = False) -> Path:
+    """Train the 3D VQ-GAN on the images of ``data`` (labels are ignored) into run folder ``out``
+    (``overwrite``: see :func:`claim_run_dir`)."""
     from medlsdm.training.vqgan_task import VQGANTask
 
     out = Path(out)
+    claim_run_dir(out, resume, overwrite)
     cfg = _resolve(config, out, resume, seed)
     if max_steps is not None:
         cfg.train_vqgan.max_steps = max_steps
@@ -96,8 +119,9 @@ def train_ldm(vqgan_dir: Optional[Path], data: Path, config: Optional[str | Path
               label_dir: Optional[Path] = None, max_steps: Optional[int] = None, resume: bool = False,
               device: str = "auto", seed: Optional[int] = None, progress: bool = True,
               max_minutes: Optional[float] = None, method: Optional[str] = None,
-              allow_vqgan_mismatch: bool = False) -> Path:
+              allow_vqgan_mismatch: bool = False, overwrite: bool = False) -> Path:
     """Train the latent semantic diffusion model on ``data`` (a latents folder or image/label pairs).
+    ``overwrite``: see :func:`claim_run_dir`.
 
     The VQ-GAN weights must be the ones the latents were encoded with and, on ``resume``, the ones the run
     was started with (see :func:`check_vqgan_link`); ``allow_vqgan_mismatch`` turns both checks off.
@@ -106,6 +130,7 @@ def train_ldm(vqgan_dir: Optional[Path], data: Path, config: Optional[str | Path
     """
     from medlsdm.training.ldm_task import LDMTask
 
+    claim_run_dir(Path(out), resume, overwrite)
     if method not in (None, "lsdm") or vqgan_dir is None:
         from medlsdm.training.baseline_task import train_baseline
 
