@@ -100,28 +100,10 @@ def child_sample(spec: dict) -> dict:
 
 
 def child_flops(spec: dict) -> dict:
-    """Forward FLOPs of one U-Net call (batch 1) and one decode, counted on the meta device."""
-    from torch.utils.flop_counter import FlopCounterMode
+    """Forward FLOPs of one U-Net call (batch 1) and one decode: ``bench/speed.py``'s counter on this config."""
+    from speed import flops
 
-    from medlsdm.autoencoder.vqgan import VQGAN
-    from medlsdm.config import load_config
-    from medlsdm.pipeline import build_diffusion
-
-    cfg = load_config(spec["config"])
-    d, h, w = cfg.data.shape
-    f = cfg.vqgan.downsample
-    unet, vq = build_diffusion(cfg).unet.eval().to("meta"), VQGAN(cfg.vqgan).eval().to("meta")
-    out = {"unet_params_m": sum(p.numel() for p in unet.parameters()) / 1e6}
-    with torch.device("meta"), torch.no_grad():
-        x = torch.zeros(1, cfg.vqgan.embedding_dim, d // f[0], h // f[1], w // f[2])
-        for name, call in (("unet", lambda: unet(x, torch.zeros(1, dtype=torch.long),
-                                                 torch.zeros(1, cfg.data.num_classes, d, h, w))),
-                           ("decode", lambda: vq.decode(x))):
-            counter = FlopCounterMode(display=False)
-            with counter:
-                call()
-            out[f"{name}_gflops"] = counter.get_total_flops() / 1e9
-    return out
+    return flops(spec["config"])
 
 
 CHILDREN = {"train": child_train, "sample": child_sample, "flops": child_flops}

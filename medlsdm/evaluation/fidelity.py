@@ -102,13 +102,13 @@ def contrast_table(preds: Sequence, refs: Sequence, labels: Sequence, cfg: DataC
     conspicuous as real, 0 = invisible) and ``same_sign`` (fraction of volumes whose contrast has the real
     one's sign)."""
     names = list(cfg.label_names) + [f"class_{c}" for c in range(len(cfg.label_names), cfg.num_classes)]
+    vols = [(denormalize(_vol(p), cfg), denormalize(_vol(r), cfg), _vol(lab).round().to(torch.int16))
+             for p, r, lab in zip(preds, refs, labels, strict=True)]  # once per volume, not once per class
     rows = []
     for c in range(1, cfg.num_classes):
         pairs = []
-        for p, r, lab in zip(preds, refs, labels, strict=True):
-            lab_ = _vol(lab).round().to(torch.int16)
-            cr = _contrast(denormalize(_vol(r), cfg), lab_, c)
-            cp = _contrast(denormalize(_vol(p), cfg), lab_, c)
+        for p, r, lab in vols:
+            cr, cp = _contrast(r, lab, c), _contrast(p, lab, c)
             if cr is not None and cp is not None:
                 pairs.append((cr, cp))
         if pairs:
