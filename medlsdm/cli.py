@@ -248,7 +248,9 @@ def _cmd_sample(a: argparse.Namespace) -> None:
     finally:
         cleanup_distributed()
     where = f" (rank {ctx.rank} of {ctx.world_size})" if ctx.enabled else ""
-    print(f"wrote {len(written)} volume(s) to {a.out}{where}")
+    # one write per line: ranks share stdout, and print() sends text and newline apart, so lines interleave
+    sys.stdout.write(f"wrote {len(written)} volume(s) to {a.out}{where}\n")
+    sys.stdout.flush()
 
 
 def _cmd_evaluate(a: argparse.Namespace) -> None:

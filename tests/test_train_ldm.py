@@ -169,7 +169,7 @@ def test_two_process_sampling_splits_the_label_maps(tmp_path: Path, runs: dict[s
     assert proc.returncode == 0, proc.stderr[-3000:]
     said = [line for line in proc.stdout.splitlines() if line.startswith("wrote")]
     counts = sorted(int(line.split()[1]) for line in said)
-    assert counts == [3, 3]  # 6 jobs, 3 per rank: nothing twice, nothing left out
+    assert counts == [3, 3], proc.stdout  # 6 jobs, 3 per rank: nothing twice, nothing left out
     names = sorted(p.name for p in out.glob("*.nii.gz"))
     assert names == sorted(f"case{k}_s{s}.nii.gz" for k in range(3) for s in range(2))
     # each volume is what a single process makes for it (per-volume seeds, whichever rank made it)
