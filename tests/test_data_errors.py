@@ -95,3 +95,33 @@ def test_target_shape_must_divide_by_the_downsampling():
     check_target_shape((16, 64, 64), (4, 16, 16), "config")
     _raises("config", "axis H", check_target_shape, (16, 40, 64), (4, 16, 16), "config")
     _raises("config", "axis D", check_target_shape, (0, 64, 64), (4, 16, 16), "config")
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_forged_header_is_refused_before_allocating(tmp_path, suffix):
+    """A small file whose header claims gigabytes stops at the header, not after allocating them."""
+    import nibabel as nib
+
+    path = write_nifti(tmp_path / f"ok{suffix}", image_array())
+    header = nib.load(str(path)).header.copy()
+    header.set_data_shape((1024, 1024, 800))
+    raw = bytearray(gzip.decompress(path.read_bytes()) if suffix == ".nii.gz" else path.read_bytes())
+    raw[: len(header.binaryblock)] = header.binaryblock
+    forged = tmp_path / f"forged{suffix}"
+    forged.write_bytes(gzip.compress(bytes(raw)) if suffix == ".nii.gz" else bytes(raw))
+    _raises(f"forged{suffix}", "the header claims 3200 MiB", load_image, forged, CFG)
+
+
+def test_singular_sform_is_refused(tmp_path):
+    """An all-zero sform in use (code > 0) maps no voxel anywhere; MONAI would quietly fall back to pixdim."""
+    import nibabel as nib
+
+    path = write_nifti(tmp_path / "ok.nii", label_array())
+    header = nib.load(str(path)).header.copy()
+    for row in ("srow_x", "srow_y", "srow_z"):
+        header[row] = 0
+    header["sform_code"] = 1
+    raw = bytearray(path.read_bytes())
+    raw[: len(header.binaryblock)] = header.binaryblock
+    path.write_bytes(bytes(raw))
+    _raises("ok.nii", "sform (code 1) is singular", load_label_map, path, CFG)

@@ -102,3 +102,36 @@ def check_target_shape(shape: Sequence[int], multiple: tuple[int, int, int], whe
                 f"{where}: target shape {tuple(shape)} is not a positive multiple of the model's "
                 f"downsampling {tuple(multiple)} (axis {axis})"
             )
+
+
+GZIP_MAX_RATIO = 1032  # deflate cannot expand data more than ~1032:1, so a .gz file bounds what it can hold
+
+
+def check_nifti_header(path: str | Path) -> None:
+    """Read only the header of NIfTI file ``path`` and refuse, before any voxel is allocated, a header that claims
+    more voxel bytes than the file can hold (a truncated or forged file would otherwise allocate gigabytes before
+    failing) or whose sform / qform in use is singular or not finite (no voxel-to-world mapping to write
+    results onto)."""
+    import nibabel as nib
+
+    path = Path(path)
+    if not path.name.lower().endswith((".nii", ".nii.gz")):  # e.g. .hdr/.img pairs keep the voxels elsewhere
+        return
+    try:
+        header = nib.load(str(path)).header
+        claimed = int(np.prod(header.get_data_shape(), dtype=np.float64)) * header.get_data_dtype().itemsize
+        offset = int(header.get("vox_offset", 0)) if "vox_offset" in header else 0
+    except Exception:  # unreadable headers are reported by the full reader, with its own message
+        return
+    size = path.stat().st_size
+    room = size * GZIP_MAX_RATIO if path.name.endswith(".gz") else size - offset
+    if claimed > room:
+        raise UserError(f"{path}: cannot read: the header claims {claimed / 2**20:.0f} MiB of voxels, more than the "
+                        f"{size / 2**20:.1f} MiB file can hold (truncated file or wrong header)")
+    for name in ("sform", "qform"):
+        matrix, code = getattr(header, f"get_{name}")(coded=True)
+        if code and matrix is not None:
+            if not np.isfinite(matrix).all() or abs(np.linalg.det(matrix[:3, :3])) < 1e-12:
+                raise UserError(f"{path}: the header's {name} (code {int(code)}) is singular or not finite: no "
+                                "voxel-to-world mapping; fix the header (e.g. set a valid sform) and retry")
+            break

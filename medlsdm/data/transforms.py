@@ -43,6 +43,7 @@ from medlsdm.data.checks import (
     check_exists,
     check_finite,
     check_label_values,
+    check_nifti_header,
     check_same_geometry,
     squeeze_to_3d,
 )
@@ -114,6 +115,8 @@ def read_volume(path: str | Path) -> tuple[torch.Tensor, np.ndarray]:
     Unreadable / truncated files, non-3D arrays and NaN/Inf voxels raise a one-line UserError.
     """
     path = check_exists(path)
+    if not path.is_dir():
+        check_nifti_header(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
