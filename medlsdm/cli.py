@@ -45,6 +45,9 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medlsdm", description="3D semantic label maps -> synthetic 3D medical volumes (Med-LSDM).", epilog=EPILOG)
+    from medlsdm import __version__
+
+    parser.add_argument("--version", action="version", version=f"medlsdm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("phantom", help="write a procedural phantom data set (nnU-Net layout)",
@@ -103,9 +106,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(p)
     p.set_defaults(func=_cmd_train_ldm)
 
+    p = sub.add_parser("export", help="a shareable model folder: weights, config, hashes; nothing from training images",
+                       description="Copy what sampling needs from an LDM run (EMA U-Net, config without local paths, "
+                                   "latent statistics, VQ-GAN) into a new folder with a SHA-256 manifest that "
+                                   "'sample' verifies. No previews, caches, logs or absolute paths.")
+    p.add_argument("run", type=Path, help="train-ldm run folder")
+    p.add_argument("--out", type=Path, required=True, help="new folder for the export")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
+    p.set_defaults(func=_cmd_export)
+
     p = sub.add_parser("sample", help="label maps in, synthetic NIfTI volumes out",
                        description="Generate volumes from label maps; each output has its label map's geometry.")
-    p.add_argument("--model", type=Path, required=True, help="train-ldm run folder (any method)")
+    p.add_argument("--model", type=Path, required=True, help="train-ldm run folder (any method) or its export")
     p.add_argument("--labels", type=Path, required=True, help="a label map NIfTI file or a folder of them")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--n-per-label", type=int, default=1)
@@ -251,6 +263,13 @@ def _cmd_sample(a: argparse.Namespace) -> None:
     # one write per line: ranks share stdout, and print() sends text and newline apart, so lines interleave
     sys.stdout.write(f"wrote {len(written)} volume(s) to {a.out}{where}\n")
     sys.stdout.flush()
+
+
+def _cmd_export(a: argparse.Namespace) -> None:
+    from medlsdm.export import export_model
+
+    out = export_model(a.run, a.out, overwrite=a.overwrite)
+    print(f"exported {a.run} to {out} (files and SHA-256 in {out / 'manifest.json'})")
 
 
 def _cmd_evaluate(a: argparse.Namespace) -> None:

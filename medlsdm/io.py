@@ -120,3 +120,41 @@ def file_sha256(path: Path, length: int = 12) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()[:length]
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, enabled: bool = True) -> Iterator[None]:
+    """Hold an exclusive lock on output folder ``folder`` while a block writes it; a second process that wants
+    the same folder stops with one line instead of interleaving its files. The lock is ``flock`` on a hidden
+    sibling file ``.<name>.lock`` (the folder itself may be swapped in whole); the kernel releases it when the
+    holder dies, even by ``kill -9``, and the file is removed on a clean exit. Written by hand: the standard
+    library has flock but no folder lock, and none of our dependencies offers one. ``enabled=False``: a no-op
+    (ranks other than 0 of a torchrun job share rank 0's lock)."""
+    import fcntl  # POSIX only, like the rest of the tool's multi-process support
+
+    if not enabled:
+        yield
+        return
+    folder = Path(folder).absolute()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    path = folder.parent / f".{folder.name}.lock"
+    while True:
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o666 & ~_umask())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UserError(f"{folder}: another medlsdm process is writing this folder; wait for it to finish, "
+                            "or choose another --out") from None
+        try:  # the holder before us may have removed the file between our open and flock: lock the live file only
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.close(fd)

@@ -33,7 +33,8 @@ from medlsdm.diffusion.baselines import build_baseline, is_baseline
 from medlsdm.diffusion.model import LatentDiffusion
 from medlsdm.diffusion.windows import DepthWindows
 from medlsdm.errors import UserError
-from medlsdm.io import atomic_write_text, file_sha256, load_into
+from medlsdm.export import verify_manifest
+from medlsdm.io import atomic_write_text, file_sha256, folder_lock, load_into
 from medlsdm.runs import latest_weights, load_vqgan, run_config
 from medlsdm.training.distributed import resolve_device
 
@@ -68,8 +69,10 @@ class SynthesisPipeline:
 
     @classmethod
     def from_pretrained(cls, run_dir: Path | str, device: str = "auto", use_ema: bool = True) -> "SynthesisPipeline":
-        """Load an LDM run folder (``medlsdm train-ldm --out RUN_DIR``); nothing is downloaded."""
+        """Load an LDM run folder (``medlsdm train-ldm --out RUN_DIR``) or its export (``medlsdm export``, files
+        checked against the manifest's hashes); nothing is downloaded."""
         run_dir = Path(run_dir)
+        verify_manifest(run_dir)  # an export (medlsdm export): every file must match its recorded SHA-256
         cfg = run_config(run_dir)
         dev = resolve_device(device)
         diffusion = build_diffusion(cfg)
@@ -221,6 +224,10 @@ def _claim_folder(out: Path, info: dict, overwrite: bool) -> None:
     atomic_write_text(record, json.dumps(info, indent=2) + "\n")
 
 
+MAX_PER_LABEL = 10_000  # volumes per label map in one call: a typo'd count stops at once, not after hours
+MAX_BATCH = 256
+
+
 def sample_to_folder(model: Path, labels: Path, out: Path, n_per_label: int = 1, sampler: Optional[str] = None,
                      steps: Optional[int] = None, guidance: Optional[float] = None, seed: int = 0,
                      batch_size: int = 1, device: str = "auto", progress: bool = True,
@@ -237,11 +244,9 @@ def sample_to_folder(model: Path, labels: Path, out: Path, n_per_label: int = 1,
     switches): resuming or adding volumes needs the same settings; other settings, or volumes of unknown origin,
     stop with one line unless ``overwrite`` (which removes the old volumes and previews first).
     """
-    from medlsdm.data.display import display_window
-    from medlsdm.viz import save_preview
-
-    if n_per_label < 1 or batch_size < 1:
-        raise UserError("--n-per-label and --batch-size must be at least 1")
+    if not (1 <= n_per_label <= MAX_PER_LABEL and 1 <= batch_size <= MAX_BATCH):
+        raise UserError(f"--n-per-label must be 1..{MAX_PER_LABEL} and --batch-size 1..{MAX_BATCH} "
+                        f"(got {n_per_label} and {batch_size})")
     if overwrite and world_size > 1:  # one rank would delete what another has just written
         raise UserError("--overwrite needs a single process: remove the old volumes first, or run it without torchrun")
     out, labels = Path(out), Path(labels)
@@ -249,6 +254,18 @@ def sample_to_folder(model: Path, labels: Path, out: Path, n_per_label: int = 1,
         raise UserError(f"{out}: --out exists and is not a folder")
     if labels.is_dir() and out.resolve() == labels.resolve():
         raise UserError(f"{out}: --out is the --labels folder; a re-run would read the volumes as label maps")
+    with folder_lock(out, enabled=rank == 0):  # ranks of one torchrun job share rank 0's lock
+        return _sample_into(model, labels, out, n_per_label, sampler, steps, guidance, seed, batch_size, device,
+                            progress, rank, world_size, preview, options, overwrite)
+
+
+def _sample_into(model: Path, labels: Path, out: Path, n_per_label: int, sampler: Optional[str],
+                 steps: Optional[int], guidance: Optional[float], seed: int, batch_size: int, device: str,
+                 progress: bool, rank: int, world_size: int, preview: bool, options: Optional[dict],
+                 overwrite: bool) -> list[Path]:
+    from medlsdm.data.display import display_window
+    from medlsdm.viz import save_preview
+
     pipe = SynthesisPipeline.from_pretrained(model, device).configure(**(options or {}))
     files = label_files(labels)
     ldm = pipe.cfg.ldm

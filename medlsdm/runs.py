@@ -2,7 +2,8 @@
 checkpoint's, or the best validation weights a run kept with ``train.keep_best``).
 
 A run folder is self-describing (``config.yaml`` + ``checkpoints/latest``); an LDM run also holds a
-copy of its frozen VQ-GAN under ``vqgan/`` so that it can be moved and used offline on its own.
+copy of its frozen VQ-GAN under ``vqgan/`` so that it can be moved and used offline on its own (it also holds
+previews of real slices: share an export, :mod:`medlsdm.export`, instead).
 """
 
 from __future__ import annotations

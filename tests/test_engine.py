@@ -161,7 +161,7 @@ def test_keep_best_keeps_the_best_validation_weights_across_resume(tmp_path: Pat
     assert sorted(p.name for p in (run / "best").iterdir()) == ["best.json", "step_0000004"]  # nothing half-written
     with pytest.raises(UserError, match="already holds a training run"):
         _scored_trainer(run, "score").fit(2)  # a new run (no --resume) would mix with the old one's files
-    from medlsdm.training.run import claim_run_dir
+    from medlsdm.training.run_dir import claim_run_dir
 
     claim_run_dir(run, resume=False, overwrite=True)  # what --overwrite does: the old run's outputs go
     assert not (run / "checkpoints").exists() and not (run / "best").exists()

@@ -17,7 +17,7 @@ import torch
 from medlsdm.cli import main
 from medlsdm.errors import UserError
 from medlsdm.io import load_weights
-from medlsdm.pipeline import SynthesisPipeline
+from medlsdm.pipeline import SynthesisPipeline, sample_to_folder
 from medlsdm.training.latents import encode_dataset
 from medlsdm.training.run import train_ldm, train_vqgan
 
@@ -64,12 +64,28 @@ def test_resume_equals_uninterrupted(tmp_path: Path, runs: dict[str, Path], micr
         a, b = _latest(runs["ldm"], name), _latest(run, name)
         for k in a:
             assert torch.equal(a[k], b[k]), f"{name}.{k}"
+    # the log of a resumed run is the log of an uninterrupted one: no step twice (keys, not the float values)
+    rows = [tuple(r.split(",")[:3]) for r in (run / "metrics.csv").read_text().splitlines()]
+    assert len(rows) == len(set(rows))
+    assert rows == [tuple(r.split(",")[:3]) for r in (runs["ldm"] / "metrics.csv").read_text().splitlines()]
+
+
+def test_metrics_after_the_checkpoint_are_dropped_on_resume(tmp_path: Path, runs: dict[str, Path],
+                                                           micro_config: Path) -> None:
+    """A run killed after logging step 3 but before its step-4 checkpoint resumes from step 2: rows 3.. go."""
+    run = tmp_path / "ldm"
+    train_ldm(runs["vq"], runs["lat"], micro_config, run, max_steps=2, progress=False)
+    with open(run / "metrics.csv", "a") as f:
+        f.write("3,train,loss,9.0\n3,train,loss_ema,9.0\n")
+    train_ldm(runs["vq"], runs["lat"], micro_config, run, max_steps=3, resume=True, progress=False)
+    assert [r for r in (run / "metrics.csv").read_text().splitlines() if r.endswith(",9.0")] == []
 
 
 def test_on_the_fly_encoding_matches_cached_latents(tmp_path: Path, runs: dict[str, Path], phantoms: Path,
                                                    micro_config: Path) -> None:
     run = train_ldm(runs["vq"], phantoms, micro_config, tmp_path / "fly", max_steps=1, progress=False)
     assert (run / "checkpoints" / "latest").is_file()
+    assert not (run / "cache").exists()  # the preprocessed training images are gone once training has ended
 
 
 def test_sample_cli_writes_volumes_with_label_geometry(tmp_path: Path, runs: dict[str, Path], phantoms: Path) -> None:
@@ -217,6 +233,54 @@ def test_garbage_settings_and_broken_weights_stop_with_one_line(tmp_path: Path, 
     save_file(state, str(path))
     with pytest.raises(UserError, match=r"unet_ema\.safetensors: 1 tensors hold NaN"):
         SynthesisPipeline.from_pretrained(broken, device="cpu")
+    for n, b in ((20_000_000, 1), (0, 1), (1, 10_000_000)):  # counts are bounded before any work or allocation
+        with pytest.raises(UserError, match="--n-per-label must be 1..10000 and --batch-size 1..256"):
+            sample_to_folder(runs["ldm"], tmp_path / "none", tmp_path / "out", n_per_label=n, batch_size=b)
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_is_shareable_verified_and_samples_the_same(tmp_path: Path, runs: dict[str, Path], phantoms: Path,
+                                                           capsys) -> None:
+    """medlsdm export: only what sampling needs (no previews, caches, logs or absolute paths), hashes that sample
+    verifies, and the same volumes as the run folder."""
+    model = tmp_path / "model"
+    assert main(["export", str(runs["ldm"]), "--out", str(model)]) == 0
+    files = sorted(p.relative_to(model).as_posix() for p in model.rglob("*") if p.is_file())
+    assert files == ["config.yaml", "latent_stats.json", "manifest.json", "unet_ema.safetensors", "vqgan/config.yaml",
+                     "vqgan/vqgan.safetensors"]
+    root = str(runs["root"].parent)
+    for name in ("config.yaml", "latent_stats.json", "manifest.json", "vqgan/config.yaml"):
+        assert root not in (model / name).read_text(), name  # no path of the machine it was made on
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no lock or temporary folder left
+    label = sorted((phantoms / "labelsTs").glob("*.nii.gz"))[0]
+    a, b = tmp_path / "from_run", tmp_path / "from_export"
+    for src, out in ((runs["ldm"], a), (model, b)):
+        assert main(["sample", "--model", str(src), "--labels", str(label), "--out", str(out), "--steps", "2",
+                     "--device", "cpu", "--no-progress"]) == 0
+    name = label.name.replace(".nii.gz", "_s0.nii.gz")
+    assert np.array_equal(nib.load(str(a / name)).get_fdata(), nib.load(str(b / name)).get_fdata())
+    assert json.loads((a / "sample_info.json").read_text()) == json.loads((b / "sample_info.json").read_text())
+    capsys.readouterr()
+    assert main(["export", str(runs["ldm"]), "--out", str(model)]) == 2  # never over an existing folder by default
+    assert "not empty" in capsys.readouterr().err
+    assert main(["export", str(runs["ldm"]), "--out", str(model), "--overwrite"]) == 0
+    weights = model / "vqgan" / "vqgan.safetensors"
+    blob = bytearray(weights.read_bytes())
+    blob[-1] ^= 1  # one flipped bit in the VQ-GAN
+    weights.write_bytes(bytes(blob))
+    assert main(["sample", "--model", str(model), "--labels", str(label), "--out", str(tmp_path / "c"),
+                 "--device", "cpu", "--no-progress"]) == 2
+    assert "vqgan.safetensors: SHA-256 does not match manifest.json" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+
+
+def test_run_folders_hold_no_training_images_or_paths(runs: dict[str, Path]) -> None:
+    """The preprocessing cache (copies of the training images) goes when training ends; run_info.json and
+    latents' stats.json name the VQ-GAN run by folder name, not by absolute path."""
+    assert not (runs["vq"] / "cache").exists()
+    root = str(runs["root"].parent)
+    for path in (runs["ldm"] / "run_info.json", runs["lat"] / "stats.json", runs["vq"] / "run_info.json"):
+        assert root not in path.read_text(), path
 
 
 def test_sample_no_progress_prints_no_bar(tmp_path: Path, runs: dict[str, Path], phantoms: Path, capsys) -> None:
@@ -327,3 +391,22 @@ def test_a_new_run_or_encode_never_mixes_with_an_old_one(tmp_path: Path, runs: d
         encode_dataset(runs["vq"], phantoms, lat, progress=False)
     assert sorted(p.name for p in lat.iterdir()) == before and (lat / "stats.json").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+
+def test_batching_changes_a_volume_only_by_float_rounding(tmp_path: Path, runs: dict[str, Path], phantoms: Path) -> None:
+    """--batch-size 3 vs 1: each volume keeps its own noise; batched kernels round differently, so the README
+    promises equality to float rounding (measured 0.025 HU at most), not bit-identity. A batch sharing or
+    swapping noise between volumes would differ by tens of HU."""
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    for k, src in enumerate([*sorted((phantoms / "labelsTs").glob("*.nii.gz"))] * 2):
+        shutil.copy(src, labels / f"case{k}.nii.gz")  # each name has its own seed
+    one = sample_to_folder(runs["ldm"], labels, tmp_path / "b1", steps=2, batch_size=1, device="cpu",
+                           progress=False, preview=False)
+    sample_to_folder(runs["ldm"], labels, tmp_path / "b3", steps=2, batch_size=3, device="cpu", progress=False,
+                     preview=False)
+    assert len(one) == 4
+    for path in one:
+        a, b = nib.load(str(path)).get_fdata(), nib.load(str(tmp_path / "b3" / path.name)).get_fdata()
+        assert np.abs(a - b).max() <= 0.5, path.name
+        assert np.abs(a - b).max() < np.abs(a - np.roll(a, 1, axis=0)).max()  # not vacuous: volumes vary

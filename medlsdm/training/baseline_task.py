@@ -17,6 +17,7 @@ from medlsdm.errors import UserError
 from medlsdm.training.distributed import cleanup_distributed, init_distributed
 from medlsdm.training.engine import Trainer
 from medlsdm.training.latents import is_latents_dir
+from medlsdm.training.run_dir import drop_run_cache, image_split, resolve_config, write_run_info
 
 
 def train_baseline(data: Path, config: Optional[str | Path], out: Path, method: Optional[str] = None,
@@ -29,12 +30,11 @@ def train_baseline(data: Path, config: Optional[str | Path], out: Path, method: 
     its own). Method ``lsdm`` is refused here: it needs a VQ-GAN (``train_ldm`` with ``vqgan_dir``).
     """
     from medlsdm.training.ldm_task import LDMTask
-    from medlsdm.training.run import _image_split, _resolve, _write_run_info
 
     out = Path(out)
     if method is not None:
         check_method(method)
-    cfg = _resolve(config if config is not None else "tiny", out, resume, seed)
+    cfg = resolve_config(config if config is not None else "tiny", out, resume, seed)
     if method is not None:
         if resume and (out / "config.yaml").is_file() and method != cfg.ldm.method:
             raise UserError(f"{out}: this run was trained with method '{cfg.ldm.method}', not '{method}'")
@@ -49,17 +49,18 @@ def train_baseline(data: Path, config: Optional[str | Path], out: Path, method: 
         cfg.train_ldm.max_steps = max_steps
     dist = init_distributed(device)
     try:
-        train_set, val_set = _image_split(data, cfg, layout, label_dir, labels=True, out=out,
+        train_set, val_set = image_split(data, cfg, layout, label_dir, labels=True, out=out,
                                           val_fraction=cfg.train_ldm.val_fraction)
         torch.manual_seed(cfg.seed)
         task = LDMTask(cfg, None, None)
         if dist.is_main:
             out.mkdir(parents=True, exist_ok=True)
-            _write_run_info(out, dist, stage="ldm", method=cfg.ldm.method, train_cases=len(train_set),
+            write_run_info(out, dist, stage="ldm", method=cfg.ldm.method, train_cases=len(train_set),
                             val_cases=len(val_set or []))
         dist.barrier()
         Trainer(task, cfg, cfg.train_ldm, out, train_set, val_set, dist, progress).fit(
             resume=resume, max_seconds=None if max_minutes is None else 60 * max_minutes)
+        drop_run_cache(cfg, out, dist)
     finally:
         cleanup_distributed()
     return out

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from medlsdm.config import Config, TrainConfig, save_config
 from medlsdm.errors import UserError
-from medlsdm.io import atomic_write_text, load_into, load_state, save_state, save_weights
+from medlsdm.io import atomic_path, atomic_write_text, load_into, load_state, save_state, save_weights
 from medlsdm.runs import latest_checkpoint
 from medlsdm.training.distributed import DistContext
 
@@ -122,6 +122,19 @@ class CSVLogger:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+
+    def drop_after(self, step: int) -> None:
+        """Remove rows logged after ``step`` (a resumed run repeats the steps after its last checkpoint; without
+        this, metrics.csv would hold those steps twice)."""
+        if not self.path.is_file():
+            return
+        with open(self.path, newline="") as f:
+            rows = list(csv.reader(f))
+        kept = rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= step]
+        if len(kept) == len(rows):
+            return
+        with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as f:
+            csv.writer(f).writerows(kept)
 
     def log(self, step: int, split: str, values: Mapping[str, float]) -> None:
         new = not self.path.exists()
@@ -238,6 +251,8 @@ class Trainer:
             if ckpt is None:
                 raise UserError(f"{self.run_dir}: --resume given but no checkpoint was found there")
             self.load_checkpoint(ckpt)
+            if self.dist.is_main:
+                self.logger.drop_after(self.step)
         else:
             if self.latest_checkpoint() is not None:  # a new run would mix its checkpoints and logs with the old one's
                 raise UserError(f"{self.run_dir}: already holds a training run; pass --resume to continue it, or "

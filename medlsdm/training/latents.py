@@ -25,7 +25,7 @@ from medlsdm.config import save_config
 from medlsdm.data.dataset import VolumeDataset
 from medlsdm.data.layouts import find_cases
 from medlsdm.errors import UserError
-from medlsdm.io import file_sha256, load_weights, save_weights
+from medlsdm.io import file_sha256, folder_lock, load_weights, save_weights
 from medlsdm.runs import load_vqgan, selected_weights
 from medlsdm.training.distributed import resolve_device
 
@@ -47,7 +47,12 @@ def encode_dataset(vqgan_dir: Path, data: Path, out: Path, layout: str = "auto",
     out = Path(out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not is_latents_dir(out))):
         raise UserError(f"{out}: exists and is not a latents folder; encode into a new or empty folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out):
+        _encode_and_swap(out, vqgan, cfg, vqgan_dir, cases, dev, progress)
+    return out
+
+
+def _encode_and_swap(out: Path, vqgan, cfg, vqgan_dir: Path, cases: list, dev: torch.device, progress: bool) -> None:
     # written in a hidden sibling and swapped in whole: a failed encode leaves the old folder as it was, and a
     # re-encode replaces the old latents instead of mixing with them
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
@@ -63,7 +68,6 @@ def encode_dataset(vqgan_dir: Path, data: Path, out: Path, layout: str = "auto",
             shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return out
 
 
 def _encode_into(out: Path, vqgan, cfg, vqgan_dir: Path, cases: list, dev: torch.device, progress: bool) -> None:
@@ -78,7 +82,7 @@ def _encode_into(out: Path, vqgan, cfg, vqgan_dir: Path, cases: list, dev: torch
     weights = selected_weights(vqgan_dir, "vqgan")
     mean, std = stats.result()
     LatentNormalizer(zmin, zmax, "codebook", mean, std).save(
-        out / "stats.json", vqgan_run=str(Path(vqgan_dir).resolve()), vqgan_weights_sha256=file_sha256(weights),
+        out / "stats.json", vqgan_run=Path(vqgan_dir).name, vqgan_weights_sha256=file_sha256(weights),
         cases=len(dataset), image_shape=list(cfg.data.shape), latent_shape=list(z.shape))
     save_config(cfg, out / "config.yaml")
 
