@@ -32,7 +32,10 @@ def test_phantom_then_prepare_prints_a_correct_summary(tmp_path: Path, capsys: p
     cfg.write_text("base: tiny\ndata:\n  shape: [8, 32, 32]\n")
     assert main(["prepare", "--data", str(out), "--config", str(cfg), "--no-cache"]) == 0
     text = capsys.readouterr().out
-    assert "4" in text and "liver" in text and "lesion" in text  # case count and class names from dataset.json
+    lines = text.splitlines()
+    assert f"dataset {out} (layout nnunet): 4 case(s), 4 with label maps" in lines  # the 4 training cases
+    header = next(line for line in lines if line.startswith("case "))
+    assert header.split()[-6:] == ["background", "body", "liver", "kidney", "spine", "lesion"]  # from dataset.json
     for case in (out / "imagesTr").glob("*_0000.nii.gz"):
         assert case.name.replace("_0000.nii.gz", "") in text
 

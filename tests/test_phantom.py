@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import time
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -204,11 +204,32 @@ def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
     assert (out / "dataset.json").is_file() and oct(out.stat().st_mode & 0o777) == "0o755"
 
 
-def test_speed(tmp_path):
-    start = time.perf_counter()
-    for s in range(20):
-        generate_phantom(s, SHAPE, "ct")
-    assert time.perf_counter() - start < 15.0
+def _python_calls(fn, *args) -> int:
+    """Python and builtin function calls made while ``fn(*args)`` runs (the same on every machine and load)."""
+    calls = 0
+
+    def count(frame, event, arg):
+        nonlocal calls
+        calls += event in ("call", "c_call")
+
+    sys.setprofile(count)
+    try:
+        fn(*args)
+    finally:
+        sys.setprofile(None)
+    return calls
+
+
+@pytest.mark.parametrize("modality", ["ct", "mr"])
+def test_generation_is_vectorised(modality):
+    """Phantoms are cheap because every voxel is computed in array operations: the Python work of one subject
+    does not grow with its size (a per-voxel or per-slice Python loop would add calls for each of the 24 extra
+    slices / 130k extra voxels here). This replaces a wall-clock limit, which failed under load; how long
+    generation takes is a benchmark question (bench/), not a unit test's."""
+    generate_phantom(3, (8, 32, 32), modality)  # imports and caches warm
+    small = _python_calls(generate_phantom, 3, (8, 32, 32), modality)
+    large = _python_calls(generate_phantom, 3, (32, 128, 128), modality)  # 4x the slices, 64x the voxels
+    assert 0 < small and large - small <= 50, (small, large)  # equal today; the slack is for library versions
 
 
 def test_region_at_a_given_spacing_is_a_window_onto_the_same_anatomy():
