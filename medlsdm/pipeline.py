@@ -3,6 +3,8 @@
     pipe = SynthesisPipeline.from_pretrained("runs/ldm")
     for vol in pipe("label.nii.gz", n=2, seed=0):
         vol.save("synthetic.nii.gz")          # geometry (affine, shape) of label.nii.gz
+    pipe("label.nii.gz", sampler="ddim", steps=50)                                   # a sampler by name
+    pipe("label.nii.gz", sampler=pipe.diffusion.make_sampler("ddim", steps=50))      # or as an object
 
 Steps: label map -> preprocessing exactly as in training -> one-hot (B, C, D, H, W) -> noise ->
 denoise with the semantic U-Net (DDPM / DDIM, optional classifier-free guidance) -> de-normalise ->
@@ -29,14 +31,16 @@ from medlsdm.autoencoder.normalize import LatentNormalizer
 from medlsdm.config import Config
 from medlsdm.data.checks import check_target_shape
 from medlsdm.data.transforms import LabelGeometry, load_label_map, one_hot, save_volume
+from medlsdm.devices import resolve_device
 from medlsdm.diffusion.baselines import build_baseline, is_baseline
 from medlsdm.diffusion.model import LatentDiffusion
+from medlsdm.diffusion.options import SamplingOptions
+from medlsdm.diffusion.samplers import Sampler
 from medlsdm.diffusion.windows import DepthWindows
 from medlsdm.errors import UserError
 from medlsdm.export import verify_manifest
 from medlsdm.io import atomic_write_text, file_sha256, folder_lock, load_into
 from medlsdm.runs import latest_weights, load_vqgan, run_config
-from medlsdm.training.distributed import resolve_device
 
 
 @dataclass
@@ -58,13 +62,17 @@ class GeneratedVolume:
 
 class SynthesisPipeline:
     """The frozen VQ-GAN + the (EMA) semantic U-Net of an LDM run, ready to sample (for a baseline run:
-    ``vqgan`` and ``normalizer`` are None and the diffusion model works on the image itself)."""
+    ``vqgan`` and ``normalizer`` are None and the diffusion model works on the image itself).
+
+    ``diffusion`` must clip where ``normalizer`` says the codebook ends (build it with
+    ``build_diffusion(cfg, normalizer)``), so predicted clean latents stay within the codebook's range."""
 
     def __init__(self, vqgan: Optional[nn.Module], diffusion: LatentDiffusion, normalizer: Optional[LatentNormalizer],
                  cfg: Config) -> None:
+        if normalizer is not None and diffusion.clip_value != normalizer.clip:
+            raise ValueError(f"the diffusion model clips at {diffusion.clip_value} but the latents' range is "
+                             f"{normalizer.clip}: build it with build_diffusion(cfg, normalizer)")
         self.vqgan, self.diffusion, self.normalizer, self.cfg = vqgan, diffusion, normalizer, cfg
-        if normalizer is not None:
-            diffusion.clip_value = normalizer.clip  # predicted clean latents stay within the codebook's range
         self.device = next(diffusion.parameters()).device
 
     @classmethod
@@ -75,36 +83,48 @@ class SynthesisPipeline:
         verify_manifest(run_dir)  # an export (medlsdm export): every file must match its recorded SHA-256
         cfg = run_config(run_dir)
         dev = resolve_device(device)
-        diffusion = build_diffusion(cfg)
+        normalizer = None if is_baseline(cfg) else LatentNormalizer.load(run_dir / "latent_stats.json")
+        diffusion = build_diffusion(cfg, normalizer)
         load_into(diffusion.unet, latest_weights(run_dir, "unet_ema" if use_ema else "unet"), what="semantic U-Net")
         diffusion.to(dev).eval().requires_grad_(False)
-        if is_baseline(cfg):
+        if normalizer is None:
             return cls(None, diffusion, None, cfg)
         vqgan, _ = load_vqgan(run_dir / "vqgan", dev)
-        return cls(vqgan, diffusion, LatentNormalizer.load(run_dir / "latent_stats.json"), cfg)
+        return cls(vqgan, diffusion, normalizer, cfg)
 
-    @torch.no_grad()
-    def generate(self, labels: torch.Tensor, sampler: Optional[str] = None, steps: Optional[int] = None,
-                 guidance: Optional[float] = None, eta: float = 0.0,
-                 generator: Optional[torch.Generator | list[torch.Generator]] = None,
-                 progress: bool = False) -> torch.Tensor:
-        """Class-index label maps (B, 1, D, H, W) -> volumes (B, 1, D, H, W) in [-1, 1], all B through each
-        U-Net call. ``generator``: one, or one per label map (each volume then is the same in any batch).
-        Label maps deeper than the training shape are denoised and decoded on overlapping depth windows of
-        the training depth (``ldm.window_overlap``), so memory stays that of the training window."""
+    def sampling_options(self, sampler: Optional[str | Sampler] = None, steps: Optional[int] = None,
+                         guidance: Optional[float] = None, eta: float = 0.0) -> SamplingOptions:
+        """The :class:`SamplingOptions` of this pipeline: the config's ``ldm`` section (sampler, steps, guidance,
+        efficiency switches) and the depth windows of the training shape, with the given overrides (None: the
+        config's). ``sampler``: a registered name or a :class:`Sampler` object (which brings its own steps)."""
         ldm = self.cfg.ldm
         scale = ldm.guidance_scale if guidance is None else guidance
         if not math.isfinite(scale):
             raise UserError(f"--guidance must be a finite number, got {scale}")
         if steps is not None and steps < 1:
             raise UserError(f"--steps must be at least 1, got {steps}")
+        overrides = {"guidance_scale": scale, "eta": eta, "window": self.window, "overlap": self.overlap}
+        if sampler is not None:
+            overrides["sampler"] = sampler
+        if steps is not None:
+            overrides["steps"] = steps
+        return SamplingOptions.from_config(ldm, **overrides)
+
+    @torch.no_grad()
+    def generate(self, labels: torch.Tensor, sampler: Optional[str | Sampler] = None, steps: Optional[int] = None,
+                 guidance: Optional[float] = None, eta: float = 0.0,
+                 generator: Optional[torch.Generator | list[torch.Generator]] = None,
+                 progress: bool = False) -> torch.Tensor:
+        """Class-index label maps (B, 1, D, H, W) -> volumes (B, 1, D, H, W) in [-1, 1], all B through each
+        U-Net call. ``sampler``: a registered name (default ``ldm.sampler``, ``steps`` default
+        ``ldm.sampling_steps``) or a :class:`Sampler` object of this model, e.g.
+        ``DDIMSampler(pipe.diffusion.schedule, steps=50)`` or ``pipe.diffusion.make_sampler("ddim", 50)``.
+        ``generator``: one, or one per label map (each volume then is the same in any batch).
+        Label maps deeper than the training shape are denoised and decoded on overlapping depth windows of
+        the training depth (``ldm.window_overlap``), so memory stays that of the training window."""
+        options = self.sampling_options(sampler, steps, guidance, eta)
         onehot = one_hot(labels.to(self.device), self.cfg.data.num_classes)
-        if ldm.window_batch < 1:
-            raise UserError(f"config: ldm.window_batch must be at least 1, got {ldm.window_batch}")
-        options = dict(window=self.window, overlap=self.overlap, window_batch=ldm.window_batch,
-                       cache=ldm.spade_cache, precision=ldm.sample_precision, compile=ldm.sample_compile)
-        z = self.diffusion.sample(onehot, sampler or ldm.sampler, steps or ldm.sampling_steps, scale, eta, generator,
-                                  progress, **options)
+        z = self.diffusion.sample(onehot, options, generator=generator, progress=progress)
         vol = self.decode_latents(z) if self.vqgan is not None else z.float().clamp(-1, 1)
         if not bool(torch.isfinite(vol).all()):  # never write a meaningless volume with exit 0
             raise UserError("sampling produced NaN or inf values: the model's weights or sampling settings are broken")
@@ -165,14 +185,16 @@ class SynthesisPipeline:
         return out
 
 
-def build_diffusion(cfg: Config) -> LatentDiffusion:
-    """The LatentDiffusion of a config (latent channels and down-sampling come from the VQ-GAN section),
-    or the baseline model that ``cfg.ldm.method`` names."""
+def build_diffusion(cfg: Config, normalizer: Optional[LatentNormalizer] = None) -> LatentDiffusion:
+    """The LatentDiffusion of a config (latent channels and down-sampling come from the VQ-GAN section,
+    the clip range from the latents' ``normalizer``: 1.0 without one), or the baseline model that
+    ``cfg.ldm.method`` names (image data in [-1, 1], no normalizer)."""
     if is_baseline(cfg):
         return build_baseline(cfg)
     check_target_shape(cfg.data.shape, cfg.vqgan.downsample, "config data.shape")
+    clip = normalizer.clip if normalizer is not None else 1.0
     return LatentDiffusion.from_config(cfg.ldm, num_classes=cfg.data.num_classes, image_down=cfg.vqgan.downsample,
-                                       in_channels=cfg.vqgan.embedding_dim)
+                                       in_channels=cfg.vqgan.embedding_dim, clip_value=clip)
 
 
 def label_files(labels: Path) -> list[Path]:
@@ -268,10 +290,10 @@ def _sample_into(model: Path, labels: Path, out: Path, n_per_label: int, sampler
 
     pipe = SynthesisPipeline.from_pretrained(model, device).configure(**(options or {}))
     files = label_files(labels)
-    ldm = pipe.cfg.ldm
+    opts = pipe.sampling_options(sampler, steps, guidance)
     info = {"model_weights_sha256": file_sha256(latest_weights(Path(model), "unet_ema")),
-            "sampler": sampler or ldm.sampler, "steps": steps or ldm.sampling_steps,
-            "guidance": ldm.guidance_scale if guidance is None else guidance, "seed": seed,
+            "sampler": opts.sampler_name, "steps": opts.steps,
+            "guidance": opts.guidance_scale, "seed": seed,
             "switches": {k: v for k, v in sorted((options or {}).items())}}
     _claim_folder(out, info, overwrite)
     out.mkdir(parents=True, exist_ok=True)

@@ -40,8 +40,8 @@ def randomise_(module: torch.nn.Module, std: float = 0.2) -> None:
 
 def concat_unet(**kw) -> SemanticUNet:
     torch.manual_seed(0)
-    unet = SemanticUNet(LDMConfig(**{**SMALL, **kw}), in_channels=1, num_classes=6, image_down=(1, 1, 1),
-                        conditioning="concat")
+    unet = SemanticUNet.from_config(LDMConfig(**{**SMALL, **kw}), in_channels=1, num_classes=6, image_down=(1, 1, 1),
+                                    conditioning="concat")
     randomise_(unet)
     return unet.eval()
 
@@ -66,15 +66,15 @@ def test_concat_conditioning_uses_the_label_map_and_zero_is_the_null_condition()
 def test_spade_path_is_the_default_and_unchanged_by_the_concat_option() -> None:
     cfg = LDMConfig(**SMALL)
     torch.manual_seed(0)
-    default = SemanticUNet(cfg, in_channels=8, num_classes=6, image_down=(4, 4, 4))
+    default = SemanticUNet.from_config(cfg, in_channels=8, num_classes=6, image_down=(4, 4, 4))
     torch.manual_seed(0)
-    spade = SemanticUNet(cfg, in_channels=8, num_classes=6, image_down=(4, 4, 4), conditioning="spade")
+    spade = SemanticUNet.from_config(cfg, in_channels=8, num_classes=6, image_down=(4, 4, 4), conditioning="spade")
     assert default.semantic is not None and default.input_conv.in_channels == 8
     assert not any(isinstance(m, PlainNorm) for m in default.modules())
     sd, ss = default.state_dict(), spade.state_dict()
     assert sd.keys() == ss.keys() and all(torch.equal(sd[k], ss[k]) for k in sd)
     with pytest.raises(ValueError, match="conditioning"):
-        SemanticUNet(cfg, conditioning="film")
+        SemanticUNet.from_config(cfg, conditioning="film")
 
 
 def test_slice_seeds_differ_and_slices_are_generated_independently() -> None:

@@ -22,7 +22,7 @@ def test_keep_depth_halves_in_plane_only():
 @pytest.mark.parametrize("keep_depth", [False, True])
 def test_cross_slice_attention_sees_every_latent_slice_only_with_keep_depth(keep_depth):
     torch.manual_seed(0)
-    unet = SemanticUNet(small_cfg(keep_depth=keep_depth, depth_positions="relative"), 8, 6, DOWN)
+    unet = SemanticUNet.from_config(small_cfg(keep_depth=keep_depth, depth_positions="relative"), 8, 6, DOWN)
     seen = []
     for m in unet.modules():
         if isinstance(m, CrossSliceAttention):
@@ -61,7 +61,7 @@ def test_relative_bias_depends_on_offset_only_and_makes_attention_order_aware():
 
 def test_spade_cache_exact_with_keep_depth():
     torch.manual_seed(0)
-    unet = SemanticUNet(small_cfg(keep_depth=True, depth_positions="relative"), 8, 6, DOWN).eval()
+    unet = SemanticUNet.from_config(small_cfg(keep_depth=True, depth_positions="relative"), 8, 6, DOWN).eval()
     randomise_(unet, 0.05)
     x, lab = torch.randn(2, 8, 4, 8, 8), random_labels(2, (4, 8, 8))
     t = torch.tensor([5, 50])

@@ -38,7 +38,7 @@ def randomise_(module: torch.nn.Module, std: float = 0.2) -> None:
 @pytest.mark.parametrize("latent", [(4, 16, 16), (8, 16, 16), (2, 8, 12), (3, 5, 7), (8, 64, 64)])
 def test_unet_output_shape_equals_input(latent):
     torch.manual_seed(0)
-    unet = SemanticUNet(small_cfg(), in_channels=8, num_classes=6, image_down=DOWN)
+    unet = SemanticUNet.from_config(small_cfg(), in_channels=8, num_classes=6, image_down=DOWN)
     b = 1 if latent == (8, 64, 64) else 2
     x = torch.randn(b, 8, *latent)
     with torch.no_grad():
@@ -72,7 +72,7 @@ def test_unet_uses_label_map_and_null_condition():
     the semantic encoder and SPADE convs."""
     torch.manual_seed(0)
     latent = (2, 8, 8)
-    unet = SemanticUNet(small_cfg(), 8, 6, DOWN)
+    unet = SemanticUNet.from_config(small_cfg(), 8, 6, DOWN)
     randomise_(unet, std=0.1)
     x_t, t = torch.randn(2, 8, *latent), torch.tensor([10, 50])
     labels = random_labels(2, latent, seed=0)
@@ -149,7 +149,7 @@ def test_attention_blocks_start_as_identity():
 def test_gradient_checkpointing_gives_same_gradients():
     torch.manual_seed(0)
     latent = (2, 8, 8)
-    unet = SemanticUNet(small_cfg(), 8, 6, DOWN)
+    unet = SemanticUNet.from_config(small_cfg(), 8, 6, DOWN)
     randomise_(unet, std=0.05)
     x, t, labels = torch.randn(1, 8, *latent), torch.tensor([5]), random_labels(1, latent)
     grads = []

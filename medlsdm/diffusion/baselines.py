@@ -17,10 +17,10 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from medlsdm.config import LDM_METHODS, Config
+from medlsdm.config import LDM_METHODS, Config, LDMConfig
 from medlsdm.diffusion.model import LatentDiffusion
-from medlsdm.diffusion.schedule import NoiseSchedule
-from medlsdm.diffusion.unet import SemanticUNet
+from medlsdm.diffusion.options import SamplingOptions
+from medlsdm.diffusion.samplers import Sampler
 from medlsdm.errors import UserError
 
 BASELINES = ("slice2d", "pixel3d")
@@ -39,17 +39,14 @@ def is_baseline(cfg: Config) -> bool:
 
 
 def build_baseline(cfg: Config) -> LatentDiffusion:
-    """The diffusion model of a baseline config: widths, schedule and objective from ``cfg.ldm``."""
+    """The diffusion model of a baseline config: widths, schedule and objective from ``cfg.ldm``; a concat-mode
+    U-Net on the image itself (1 channel, no down-sampling, data in [-1, 1])."""
     ldm = cfg.ldm
     if check_method(ldm.method) not in BASELINES:
         raise ValueError(f"{ldm.method} is not a baseline")
-    unet = SemanticUNet(ldm, in_channels=1, num_classes=cfg.data.num_classes, image_down=(1, 1, 1),
-                        conditioning="concat")
-    args = (unet, NoiseSchedule(ldm.num_timesteps, ldm.schedule), ldm.objective, ldm.loss, ldm.cond_drop_prob,
-            ldm.clip_sample, ldm.class_weight_power)
-    if ldm.method == "slice2d":
-        return SliceDiffusion(*args, slices_per_volume=ldm.slices_per_volume)
-    return LatentDiffusion(*args)
+    cls = SliceDiffusion if ldm.method == "slice2d" else LatentDiffusion
+    return cls.from_config(ldm, num_classes=cfg.data.num_classes, image_down=(1, 1, 1), in_channels=1,
+                           conditioning="concat")
 
 
 def slice_seed(volume_seed: int, index: int) -> int:
@@ -67,8 +64,8 @@ def to_slices(x: torch.Tensor) -> torch.Tensor:
 class SliceDiffusion(LatentDiffusion):
     """A 2D diffusion model over axial slices that reads and writes whole volumes.
 
-    ``SliceDiffusion(unet, schedule, objective, loss, cond_drop_prob, clip_sample, slices_per_volume=4)``
-    with a concat-mode :class:`SemanticUNet` (``in_channels`` 1, ``image_down`` (1, 1, 1)).
+    ``SliceDiffusion(unet, schedule, objective, loss, cond_drop_prob, clip_sample, class_weight_power, clip_value,
+    slices_per_volume=4)`` with a concat-mode :class:`SemanticUNet` (``in_channels`` 1, ``image_down`` (1, 1, 1)).
     """
 
     def __init__(self, *args, slices_per_volume: int = 4, **kwargs) -> None:
@@ -77,12 +74,15 @@ class SliceDiffusion(LatentDiffusion):
             raise UserError(f"config: ldm.slices_per_volume must be >= 0, got {slices_per_volume}")
         self.slices_per_volume = slices_per_volume
 
+    @classmethod
+    def _config_arguments(cls, cfg: LDMConfig) -> dict:
+        return {"slices_per_volume": cfg.slices_per_volume}
+
     def view(self, unet: torch.nn.Module, cond_drop_prob: float | None = None) -> "SliceDiffusion":
         p = self.cond_drop_prob if cond_drop_prob is None else cond_drop_prob
-        other = SliceDiffusion(unet, self.schedule, self.objective, self.loss, p, self.clip_sample,
-                               self.class_weight_power, slices_per_volume=self.slices_per_volume)
-        other.clip_value = self.clip_value
-        return other
+        return SliceDiffusion(unet, self.schedule, self.objective, self.loss, p, self.clip_sample,
+                              self.class_weight_power, clip_value=self.clip_value,
+                              slices_per_volume=self.slices_per_volume)
 
     def training_loss(
         self, x0: torch.Tensor, labels_onehot: torch.Tensor, generator: torch.Generator | None = None
@@ -115,18 +115,16 @@ class SliceDiffusion(LatentDiffusion):
     def sample(
         self,
         labels_onehot: torch.Tensor,
-        sampler: str = "ddim",
-        steps: int | None = None,
-        guidance_scale: float = 1.0,
-        eta: float = 0.0,
+        *options: SamplingOptions | str | Sampler | int | float | None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         progress: bool = True,
-        **options,
+        **fields,
     ) -> torch.Tensor:
         """Volumes (B, 1, D, H, W) for label maps (B, C, D, H, W). Every slice is a separate reverse chain
         conditioned only on its own 2D mask and driven by its own generator seeded with
         :func:`slice_seed` (volume seed, slice index); the volume seeds come from ``generator``.
-        ``options``: :meth:`LatentDiffusion.sample`'s switches, applied to each slice's chain."""
+        ``options`` / ``fields``: :meth:`LatentDiffusion.sample`'s, applied to each slice's chain."""
+        opts = SamplingOptions.of(*options, **fields)
         b, d = labels_onehot.shape[0], labels_onehot.shape[2]
         seeds = self.volume_seeds(b, generator)
         src = (generator[0] if isinstance(generator, (list, tuple)) else generator)
@@ -136,7 +134,6 @@ class SliceDiffusion(LatentDiffusion):
             slices = []
             for k in tqdm(range(d), desc="slices", disable=not progress, leave=False):
                 g = torch.Generator(src).manual_seed(slice_seed(seeds[i], k))
-                slices.append(super().sample(labels_onehot[i:i + 1, :, k:k + 1], sampler, steps, guidance_scale,
-                                             eta, g, progress=False, **options))
+                slices.append(super().sample(labels_onehot[i:i + 1, :, k:k + 1], opts, generator=g, progress=False))
             volumes.append(torch.cat(slices, dim=2))
         return torch.cat(volumes, dim=0)

@@ -1,8 +1,8 @@
 """The semantic U-Net of Med-LSDM (paper section 3.3, Fig. 4).
 
 Encoder: :class:`EncoderResBlock` s (timestep scale/shift, eq. 14) with cross-slice + spatial
-attention at ``cfg.attention_levels``; ``cfg.keep_depth`` down-samples in-plane only (cross-slice attention sees
-every latent slice) and ``cfg.depth_positions`` gives that attention relative depth positions. Middle and decoder: :class:`DecoderResBlock` s whose norms are
+attention at ``attention_levels``; ``keep_depth`` down-samples in-plane only (cross-slice attention sees
+every latent slice) and ``depth_positions`` gives that attention relative depth positions. Middle and decoder: :class:`DecoderResBlock` s whose norms are
 SPADE (eq. 15) fed by :class:`SemanticEncoder` features of the matching level, with skip connections
 from the encoder. The label map enters only through SPADE (never concatenated to the input).
 
@@ -13,7 +13,7 @@ input and the decoder norms are plain GroupNorms; the null condition is an all-z
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -42,22 +42,39 @@ class SemanticUNet(nn.Module):
     """Noise-prediction network ``f(x_t, t, labels) -> (B, in_channels, d, h, w)``.
 
     Args:
-        cfg: widths (``model_channels * channel_mult``), ``num_res_blocks``, ``attention_levels``,
-            ``num_heads``, ``semantic_channels``, ``dropout``, ``use_checkpoint``.
         in_channels: latent channels (the VQ-GAN ``embedding_dim``).
         num_classes: classes C of the one-hot label map, background included.
         image_down: per-axis factor (D, H, W) between the label map and the latent.
-        use_checkpoint: gradient checkpointing of every block while training (``None``: from ``cfg``).
+        model_channels: width of the first level; level ``l`` has ``model_channels * channel_mult[l]``.
+        channel_mult: one width multiplier per U-Net level.
+        num_res_blocks: encoder res-blocks per level (the decoder has one more).
+        attention_levels: levels (0 = full latent resolution) with cross-slice + spatial attention.
+        num_heads: attention heads.
+        semantic_channels: width of the semantic encoder's features (SPADE input).
+        dropout: dropout in the res-blocks.
+        keep_depth: down-sample in-plane only (cross-slice attention sees every latent slice).
+        depth_positions: "none" or "relative" (learned per-head bias per slice offset in cross-slice attention).
+        use_checkpoint: gradient checkpointing of every block while training.
         conditioning: "spade" (Med-LSDM) or "concat" (label map concatenated to the input, no SPADE).
+
+    :meth:`from_config` maps an :class:`~medlsdm.config.LDMConfig` onto these arguments.
     """
 
     def __init__(
         self,
-        cfg: LDMConfig,
         in_channels: int = 8,
         num_classes: int = 6,
         image_down: tuple[int, int, int] = (4, 4, 4),
-        use_checkpoint: bool | None = None,
+        model_channels: int = 64,
+        channel_mult: Sequence[int] = (1, 2, 4),
+        num_res_blocks: int = 2,
+        attention_levels: Sequence[int] = (1, 2),
+        num_heads: int = 4,
+        semantic_channels: int = 32,
+        dropout: float = 0.0,
+        keep_depth: bool = False,
+        depth_positions: str = "none",
+        use_checkpoint: bool = False,
         conditioning: str = "spade",
     ) -> None:
         super().__init__()
@@ -67,16 +84,16 @@ class SemanticUNet(nn.Module):
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.image_down = tuple(image_down)
-        self.use_checkpoint = cfg.use_checkpoint if use_checkpoint is None else use_checkpoint
-        mc, levels, sem = cfg.model_channels, len(cfg.channel_mult), cfg.semantic_channels
+        self.use_checkpoint = use_checkpoint
+        mc, levels, sem = model_channels, len(channel_mult), semantic_channels
         emb = 4 * mc
-        attn = set(cfg.attention_levels)
-        self.keep_depth = cfg.keep_depth
-        pos = cfg.depth_positions
+        attn = set(attention_levels)
+        self.keep_depth = keep_depth
+        pos = depth_positions
 
         self.time_embed = TimestepEmbedding(mc, emb)
         if conditioning == "spade":
-            self.semantic = SemanticEncoder(num_classes, sem, self.image_down, levels, cfg.keep_depth)
+            self.semantic = SemanticEncoder(num_classes, sem, self.image_down, levels, keep_depth)
             self.input_conv = nn.Conv3d(in_channels, mc, 3, padding=1)
         else:  # concat: no semantic encoder, the label map is extra input channels, decoder norms are plain
             self.semantic, sem = None, None
@@ -87,33 +104,33 @@ class SemanticUNet(nn.Module):
         self.down_attn = nn.ModuleList()
         self.downsamples = nn.ModuleList()
         skip_channels, ch = [mc], mc
-        for level, mult in enumerate(cfg.channel_mult):
+        for level, mult in enumerate(channel_mult):
             blocks, attns = nn.ModuleList(), nn.ModuleList()
-            for _ in range(cfg.num_res_blocks):
-                blocks.append(EncoderResBlock(ch, mc * mult, emb, cfg.dropout))
+            for _ in range(num_res_blocks):
+                blocks.append(EncoderResBlock(ch, mc * mult, emb, dropout))
                 ch = mc * mult
-                attns.append(AttentionBlock(ch, cfg.num_heads, pos) if level in attn else nn.Identity())
+                attns.append(AttentionBlock(ch, num_heads, pos) if level in attn else nn.Identity())
                 skip_channels.append(ch)
             self.down_blocks.append(blocks)
             self.down_attn.append(attns)
             if level < levels - 1:
-                self.downsamples.append(Downsample(ch, cfg.keep_depth))
+                self.downsamples.append(Downsample(ch, keep_depth))
                 skip_channels.append(ch)
 
-        self.mid_block1 = DecoderResBlock(ch, ch, emb, sem, cfg.dropout)
-        self.mid_attn = AttentionBlock(ch, cfg.num_heads, pos)
-        self.mid_block2 = DecoderResBlock(ch, ch, emb, sem, cfg.dropout)
+        self.mid_block1 = DecoderResBlock(ch, ch, emb, sem, dropout)
+        self.mid_attn = AttentionBlock(ch, num_heads, pos)
+        self.mid_block2 = DecoderResBlock(ch, ch, emb, sem, dropout)
 
         # decoder: per level (deepest first), num_res_blocks + 1 SPADE res-blocks eating the skips
         self.up_blocks = nn.ModuleList()
         self.up_attn = nn.ModuleList()
         self.upsamples = nn.ModuleList()
-        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+        for level, mult in reversed(list(enumerate(channel_mult))):
             blocks, attns = nn.ModuleList(), nn.ModuleList()
-            for _ in range(cfg.num_res_blocks + 1):
-                blocks.append(DecoderResBlock(ch + skip_channels.pop(), mc * mult, emb, sem, cfg.dropout))
+            for _ in range(num_res_blocks + 1):
+                blocks.append(DecoderResBlock(ch + skip_channels.pop(), mc * mult, emb, sem, dropout))
                 ch = mc * mult
-                attns.append(AttentionBlock(ch, cfg.num_heads, pos) if level in attn else nn.Identity())
+                attns.append(AttentionBlock(ch, num_heads, pos) if level in attn else nn.Identity())
             self.up_blocks.append(blocks)
             self.up_attn.append(attns)
             if level > 0:
@@ -121,6 +138,35 @@ class SemanticUNet(nn.Module):
 
         self.out = nn.Sequential(
             nn.GroupNorm(norm_groups(ch), ch), nn.SiLU(), zero_module(nn.Conv3d(ch, in_channels, 3, padding=1))
+        )
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: LDMConfig,
+        in_channels: int = 8,
+        num_classes: int = 6,
+        image_down: tuple[int, int, int] = (4, 4, 4),
+        use_checkpoint: bool | None = None,
+        conditioning: str = "spade",
+    ) -> "SemanticUNet":
+        """The U-Net an ``ldm`` config section describes (widths, levels, attention, ``use_checkpoint`` unless
+        given); the data-dependent sizes come from the caller (see :func:`medlsdm.pipeline.build_diffusion`)."""
+        return cls(
+            in_channels=in_channels,
+            num_classes=num_classes,
+            image_down=image_down,
+            model_channels=cfg.model_channels,
+            channel_mult=cfg.channel_mult,
+            num_res_blocks=cfg.num_res_blocks,
+            attention_levels=cfg.attention_levels,
+            num_heads=cfg.num_heads,
+            semantic_channels=cfg.semantic_channels,
+            dropout=cfg.dropout,
+            keep_depth=cfg.keep_depth,
+            depth_positions=cfg.depth_positions,
+            use_checkpoint=cfg.use_checkpoint if use_checkpoint is None else use_checkpoint,
+            conditioning=conditioning,
         )
 
     def concat_labels(self, labels_onehot: torch.Tensor | None, x: torch.Tensor, drop: torch.Tensor | None) -> torch.Tensor:

@@ -21,7 +21,7 @@ from medlsdm.evaluation.pairing import label_files, load_cases, load_real, load_
 from medlsdm.evaluation.report import REAL, SYNTH, dice_figure, save_figure
 from medlsdm.evaluation.segmentation import augment_study, dice_protocol, load_segmenter
 from medlsdm.io import atomic_write_text
-from medlsdm.training.distributed import resolve_device
+from medlsdm.devices import resolve_device
 
 
 def run_segtest(

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from medlsdm.devices import resolve_device  # re-exported: training code imports it from here
+
 
 @dataclass
 class DistContext:
@@ -40,17 +42,6 @@ class DistContext:
         t = torch.tensor([value], dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return float(t.item()) / self.world_size
-
-
-def resolve_device(name: str | None) -> torch.device:
-    """``auto`` / None -> cuda when available else cpu; ``cuda`` without a GPU is a clear error."""
-    from medlsdm.errors import UserError
-
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA GPU is visible to PyTorch on this machine")
-    return torch.device(name)
 
 
 def init_distributed(device: str | None = None) -> DistContext:

@@ -29,7 +29,7 @@ class LDMTask(Task):
     def __init__(self, cfg: Config, vqgan: Optional[nn.Module], normalizer: Optional[LatentNormalizer]) -> None:
         self.cfg, self.normalizer = cfg, normalizer
         self.vqgan = vqgan.eval().requires_grad_(False) if vqgan is not None else None
-        self.diffusion = build_diffusion(cfg)
+        self.diffusion = build_diffusion(cfg, normalizer)  # clips at the latents' range when sampling
         self.unet = self.diffusion.unet
         self.unet_ema = copy.deepcopy(self.unet).requires_grad_(False)
 

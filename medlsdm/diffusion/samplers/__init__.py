@@ -1,15 +1,27 @@
-"""Samplers, one per file, behind one interface (:class:`Sampler`); :func:`make_sampler` picks by name."""
+"""Samplers, one per file, behind one interface (:class:`Sampler`), and the one registry of their names.
+
+``SAMPLERS`` maps each name (what ``ldm.sampler`` and ``--sampler`` accept) to its class; every place that
+picks a sampler by name goes through it (:func:`make_sampler`). The default is the config's
+(:data:`DEFAULT_SAMPLER` = ``ldm.sampler``, :data:`DEFAULT_STEPS` = ``ldm.sampling_steps``).
+"""
 
 from __future__ import annotations
 
-from medlsdm.diffusion.samplers.base import ModelFn, Sampler
+from medlsdm.diffusion.samplers.base import DEFAULT_SAMPLER, DEFAULT_STEPS, ModelFn, Sampler
 from medlsdm.diffusion.samplers.ddim import DDIMSampler
 from medlsdm.diffusion.samplers.ddpm import DDPMSampler
 from medlsdm.diffusion.samplers.dpm_solver import DPMSolverPPSampler
 from medlsdm.diffusion.schedule import NoiseSchedule
 from medlsdm.errors import UserError
 
-SAMPLERS = ("ddpm", "ddim", "dpm++")
+SAMPLERS: dict[str, type[Sampler]] = {cls.name: cls for cls in (DDPMSampler, DDIMSampler, DPMSolverPPSampler)}
+
+
+def sampler_class(name: str) -> type[Sampler]:
+    """The registered class of ``name``; a one-line UserError for an unknown name."""
+    if name not in SAMPLERS:
+        raise UserError(f"config: unknown sampler '{name}' (choose from {', '.join(SAMPLERS)})")
+    return SAMPLERS[name]
 
 
 def make_sampler(
@@ -20,17 +32,24 @@ def make_sampler(
     objective: str = "eps",
     clip: float | None = 1.0,
 ) -> Sampler:
-    """``"ddpm"`` (always all T steps; ``steps`` and ``eta`` are ignored), ``"ddim"`` (``steps``, default 50)
-    or ``"dpm++"`` (DPM-Solver++(2M), deterministic: ``steps``, default 20; ``eta`` is ignored)."""
-    if name == "ddpm":
-        return DDPMSampler(schedule, objective, clip)
-    if name in ("ddim", "dpm++") and steps is not None and not 1 <= steps <= schedule.num_timesteps:
+    """The registered sampler ``name`` over ``schedule`` (:meth:`Sampler.create`): ``"ddpm"`` (always all T
+    steps; ``steps`` and ``eta`` are ignored), ``"ddim"`` (``steps``, ``eta``) or ``"dpm++"`` (DPM-Solver++(2M),
+    deterministic: ``steps``; ``eta`` is ignored). ``steps`` None: :data:`DEFAULT_STEPS` (at most T)."""
+    cls = sampler_class(name)
+    if cls is not DDPMSampler and steps is not None and not 1 <= steps <= schedule.num_timesteps:
         raise UserError(f"config: sampling steps must be in [1, {schedule.num_timesteps}], got {steps}")
-    if name == "ddim":
-        return DDIMSampler(schedule, steps or min(50, schedule.num_timesteps), eta, objective, clip)
-    if name == "dpm++":
-        return DPMSolverPPSampler(schedule, steps or min(20, schedule.num_timesteps), objective, clip)
-    raise UserError(f"config: unknown sampler '{name}' (choose from {', '.join(SAMPLERS)})")
+    return cls.create(schedule, steps=steps, eta=eta, objective=objective, clip=clip)
 
 
-__all__ = ["DDIMSampler", "DDPMSampler", "DPMSolverPPSampler", "ModelFn", "SAMPLERS", "Sampler", "make_sampler"]
+__all__ = [
+    "DDIMSampler",
+    "DDPMSampler",
+    "DEFAULT_SAMPLER",
+    "DEFAULT_STEPS",
+    "DPMSolverPPSampler",
+    "ModelFn",
+    "SAMPLERS",
+    "Sampler",
+    "make_sampler",
+    "sampler_class",
+]

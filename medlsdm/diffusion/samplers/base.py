@@ -1,5 +1,11 @@
 """The sampler interface: ``sampler.sample(model_fn, shape, generator, progress=True) -> x0``.
 
+Samplers are objects (diffusers' schedulers): build one and hand it over, e.g.
+``pipe(label, sampler=DDIMSampler(schedule, steps=50))``, or name one of the registry
+(:data:`medlsdm.diffusion.samplers.SAMPLERS`) and let :meth:`Sampler.create` build it. The defaults are
+the config's (``ldm.sampler``, ``ldm.sampling_steps``), read here once as :data:`DEFAULT_SAMPLER` and
+:data:`DEFAULT_STEPS`.
+
 A sampler walks the reverse chain over its own list of timesteps; subclasses only say which
 timesteps (:meth:`Sampler.timesteps`) and how one step goes (:meth:`Sampler.step`). The model is an
 opaque ``model_fn(x_t (B, ...), t (B,) long) -> output`` (network + guidance, see ``guidance.py``)
@@ -17,9 +23,22 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from medlsdm.config import LDMConfig
 from medlsdm.diffusion.schedule import NoiseSchedule, check_objective
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+DEFAULT_SAMPLER: str = LDMConfig.sampler  # the one default, defined by the config (ldm.sampler)
+DEFAULT_STEPS: int = LDMConfig.sampling_steps  # likewise (ldm.sampling_steps)
+
+
+def resolve_steps(steps: int | None, schedule: NoiseSchedule, what: str) -> int:
+    """``steps``, or :data:`DEFAULT_STEPS` (at most T) when None; a ValueError outside ``[1, T]``."""
+    if steps is None:
+        return min(DEFAULT_STEPS, schedule.num_timesteps)
+    if not 1 <= steps <= schedule.num_timesteps:
+        raise ValueError(f"{what} steps must be in [1, {schedule.num_timesteps}], got {steps}")
+    return steps
 
 
 def randn(
@@ -40,13 +59,35 @@ def randn(
 
 
 class Sampler(ABC):
-    """Base class. ``clip``: clamp the predicted x0 to ``[-clip, clip]`` at every step (``None``: never)."""
+    """Base class. ``clip``: clamp the predicted x0 to ``[-clip, clip]`` at every step (``None``: never).
+
+    ``name``: the sampler's key in the registry :data:`medlsdm.diffusion.samplers.SAMPLERS`.
+    """
+
+    name: str = ""
 
     def __init__(self, schedule: NoiseSchedule, objective: str = "eps", clip: float | None = 1.0) -> None:
         check_objective(objective)
         self.schedule = schedule
         self.objective = objective
         self.clip = clip
+
+    @classmethod
+    def create(
+        cls,
+        schedule: NoiseSchedule,
+        steps: int | None = None,
+        eta: float = 0.0,
+        objective: str = "eps",
+        clip: float | None = 1.0,
+    ) -> "Sampler":
+        """The sampler from the generic sampling settings; subclasses take what they use (``steps``: None is
+        :data:`DEFAULT_STEPS`, at most T) and ignore the rest (DDPM always walks all T steps)."""
+        return cls(schedule, objective=objective, clip=clip)
+
+    def __repr__(self) -> str:
+        extra = "".join(f", {k}={getattr(self, k)!r}" for k in ("steps", "eta") if hasattr(self, k))
+        return f"{type(self).__name__}({self.schedule!r}{extra}, objective={self.objective!r}, clip={self.clip!r})"
 
     @abstractmethod
     def timesteps(self) -> list[int]:

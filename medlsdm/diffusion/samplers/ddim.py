@@ -14,26 +14,32 @@ from __future__ import annotations
 
 import torch
 
-from medlsdm.diffusion.samplers.base import Sampler, randn
+from medlsdm.diffusion.samplers.base import Sampler, randn, resolve_steps
 from medlsdm.diffusion.schedule import NoiseSchedule
 
 
 class DDIMSampler(Sampler):
-    """``DDIMSampler(schedule, steps=50, eta=0.0, objective="eps", clip=1.0)``."""
+    """``DDIMSampler(schedule, steps=None, eta=0.0, objective="eps", clip=1.0)``; ``steps`` None is
+    :data:`~medlsdm.diffusion.samplers.base.DEFAULT_STEPS` (at most T)."""
+
+    name = "ddim"
 
     def __init__(
         self,
         schedule: NoiseSchedule,
-        steps: int = 50,
+        steps: int | None = None,
         eta: float = 0.0,
         objective: str = "eps",
         clip: float | None = 1.0,
     ) -> None:
         super().__init__(schedule, objective, clip)
-        if not 1 <= steps <= schedule.num_timesteps:
-            raise ValueError(f"DDIM steps must be in [1, {schedule.num_timesteps}], got {steps}")
-        self.steps = steps
+        self.steps = resolve_steps(steps, schedule, "DDIM")
         self.eta = eta
+
+    @classmethod
+    def create(cls, schedule: NoiseSchedule, steps: int | None = None, eta: float = 0.0, objective: str = "eps",
+               clip: float | None = 1.0) -> "DDIMSampler":
+        return cls(schedule, steps, eta, objective, clip)
 
     def timesteps(self) -> list[int]:
         t = torch.linspace(self.schedule.num_timesteps - 1, 0, self.steps, dtype=torch.float64).round().long()

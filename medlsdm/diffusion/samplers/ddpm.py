@@ -15,7 +15,9 @@ from medlsdm.diffusion.samplers.base import Sampler, randn
 
 
 class DDPMSampler(Sampler):
-    """``DDPMSampler(schedule, objective="eps", clip=1.0)``."""
+    """``DDPMSampler(schedule, objective="eps", clip=1.0)``: always all T steps."""
+
+    name = "ddpm"
 
     def timesteps(self) -> list[int]:
         return list(range(self.schedule.num_timesteps - 1, -1, -1))

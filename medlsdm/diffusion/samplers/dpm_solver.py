@@ -29,22 +29,29 @@ import math
 
 import torch
 
-from medlsdm.diffusion.samplers.base import Sampler
+from medlsdm.diffusion.samplers.base import Sampler, resolve_steps
 from medlsdm.diffusion.schedule import NoiseSchedule
 
 
 class DPMSolverPPSampler(Sampler):
-    """``DPMSolverPPSampler(schedule, steps=20, objective="eps", clip=1.0)``."""
+    """``DPMSolverPPSampler(schedule, steps=None, objective="eps", clip=1.0)``; ``steps`` None is
+    :data:`~medlsdm.diffusion.samplers.base.DEFAULT_STEPS` (at most T)."""
+
+    name = "dpm++"
 
     def __init__(
-        self, schedule: NoiseSchedule, steps: int = 20, objective: str = "eps", clip: float | None = 1.0
+        self, schedule: NoiseSchedule, steps: int | None = None, objective: str = "eps", clip: float | None = 1.0
     ) -> None:
         super().__init__(schedule, objective, clip)
-        if not 1 <= steps <= schedule.num_timesteps:
-            raise ValueError(f"DPM-Solver++ steps must be in [1, {schedule.num_timesteps}], got {steps}")
-        self.steps = steps
+        self.steps = resolve_steps(steps, schedule, "DPM-Solver++")
         self._final_t = self.timesteps()[-1]  # the step into it is taken first order (see the module docstring)
         self._last: tuple[float, torch.Tensor] | None = None  # (lambda, predicted x0) of the previous step
+
+    @classmethod
+    def create(cls, schedule: NoiseSchedule, steps: int | None = None, eta: float = 0.0, objective: str = "eps",
+               clip: float | None = 1.0) -> "DPMSolverPPSampler":
+        """``eta`` is ignored (the solver is deterministic)."""
+        return cls(schedule, steps, objective, clip)
 
     def timesteps(self) -> list[int]:
         t = torch.linspace(self.schedule.num_timesteps - 1, 0, self.steps, dtype=torch.float64).round().long()
