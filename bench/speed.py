@@ -114,7 +114,7 @@ def flops(preset: str) -> dict:
     ``torch.utils.flop_counter`` on the meta device: nothing is computed)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from medlsdm.autoencoder.vqgan import VQGAN
+    from medlsdm.autoencoder.build import build_vqgan
     from medlsdm.config import load_config
     from medlsdm.pipeline import build_diffusion
 
@@ -122,7 +122,7 @@ def flops(preset: str) -> dict:
     d, h, w = cfg.data.shape
     f = cfg.vqgan.downsample
     latent = (1, cfg.vqgan.embedding_dim, d // f[0], h // f[1], w // f[2])
-    unet, vq = build_diffusion(cfg).unet.eval().to("meta"), VQGAN(cfg.vqgan).eval().to("meta")
+    unet, vq = build_diffusion(cfg).unet.eval().to("meta"), build_vqgan(cfg.vqgan).eval().to("meta")
     with torch.device("meta"):
         x, t = torch.zeros(latent), torch.zeros(1, dtype=torch.long)
         lab = torch.zeros(1, cfg.data.num_classes, d, h, w)

@@ -73,10 +73,10 @@ def selected_weights(run_dir: Path, name: str) -> Path:
 
 def load_vqgan(run_dir: Path, device: torch.device | str = "cpu") -> tuple["torch.nn.Module", Config]:
     """The frozen VQ-GAN of a VQ-GAN run folder (or of an LDM run's ``vqgan/`` copy), in eval mode."""
-    from medlsdm.autoencoder.vqgan import VQGAN
+    from medlsdm.autoencoder.build import build_vqgan
 
     cfg = run_config(run_dir)
-    model = VQGAN(cfg.vqgan)
+    model = build_vqgan(cfg.vqgan)
     load_into(model, selected_weights(run_dir, "vqgan"), what="VQ-GAN")
     model.to(device).eval().requires_grad_(False)
     return model, cfg

@@ -9,12 +9,12 @@ import torch
 from torch import nn
 
 from medlsdm.autoencoder import (
-    VQGAN,
     PatchDiscriminator3D,
     PerceptualLoss,
     SliceDiscriminator2D,
-    VQGANLoss,
     build_perceptual,
+    build_vqgan,
+    build_vqgan_loss,
     sample_slices,
 )
 from medlsdm.autoencoder.perceptual import vgg16_features
@@ -41,7 +41,7 @@ def test_adaptive_weight_equals_hand_computation():
     u, v = torch.tensor([3.0, 0.0, 4.0]), torch.tensor([0.0, 1.0, 0.0])
     rec = 2.0 * (w @ u).sum()  # d rec / d w = 2u, norm 10
     gan = (w @ v).sum() ** 2  # d gan / d w = 2 (w.v) v = -4 v, norm 4
-    loss = VQGANLoss(tiny_cfg())
+    loss = build_vqgan_loss(tiny_cfg())
     weight = loss.adaptive_weight(rec, gan, w, delta=1e-4)
     assert weight.item() == pytest.approx(10.0 / (4.0 + 1e-4), rel=1e-6)
     assert not weight.requires_grad and w.grad is None  # detached, and no .grad written
@@ -58,7 +58,7 @@ def test_discriminator_loss_is_zero_and_untouched_before_start():
     for d in (disc2d, disc3d):
         d.register_forward_hook(lambda *a: calls.append(1))
     stats = [b.clone() for b in disc3d.buffers()]
-    loss_fn = VQGANLoss(tiny_cfg(disc_start_step=10))
+    loss_fn = build_vqgan_loss(tiny_cfg(disc_start_step=10))
     x, x_rec = torch.rand(2, 1, 8, 16, 16), torch.rand(2, 1, 8, 16, 16)
     d_loss, logs = loss_fn.discriminator_loss(x, x_rec, disc2d, disc3d, step=9)
     d_loss.backward()
@@ -75,7 +75,7 @@ def test_discriminator_loss_is_zero_and_untouched_before_start():
 def test_discriminator_loss_values(kind):
     x = torch.full((2, 1, 4, 8, 8), 0.5)  # stub logits: real 0.5, fake -2
     x_rec = torch.full((2, 1, 4, 8, 8), -2.0)
-    loss_fn = VQGANLoss(tiny_cfg(gan_loss=kind, disc_start_step=0, image_gan_weight=1.0, volume_gan_weight=0.5))
+    loss_fn = build_vqgan_loss(tiny_cfg(gan_loss=kind, disc_start_step=0, image_gan_weight=1.0, volume_gan_weight=0.5))
     d_loss, logs = loss_fn.discriminator_loss(x, x_rec, MeanDisc(), MeanDisc(), step=0)
     if kind == "hinge":
         per_disc = 0.5 * (max(0.0, 1 - 0.5) + max(0.0, 1 - 2.0))
@@ -89,7 +89,7 @@ def test_discriminator_loss_values(kind):
 # ------------------------------------------------------------------------------ generator loss
 def _model_and_batch():
     torch.manual_seed(0)
-    model = VQGAN(tiny_cfg(n_codes=32)).train()
+    model = build_vqgan(tiny_cfg(n_codes=32)).train()
     x = torch.rand(2, 1, 8, 16, 16) * 2 - 1
     x_rec, vq = model(x)
     return model, x, x_rec, vq
@@ -98,7 +98,7 @@ def _model_and_batch():
 def test_generator_loss_before_disc_start_is_l1_plus_commitment():
     model, x, x_rec, vq = _model_and_batch()
     cfg = tiny_cfg(disc_start_step=100, l1_weight=4.0)
-    loss, logs = VQGANLoss(cfg).generator_loss(x, x_rec, vq, MeanDisc(), MeanDisc(), 99, model.last_layer)
+    loss, logs = build_vqgan_loss(cfg).generator_loss(x, x_rec, vq, MeanDisc(), MeanDisc(), 99, model.last_layer)
     expected = 4.0 * (x_rec - x).abs().mean() + vq.commitment_loss
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
     assert logs["g_gan"] == 0.0 and logs["adaptive_weight"] == 0.0 and logs["perceptual"] == 0.0
@@ -112,7 +112,7 @@ def test_generator_loss_with_discriminators_and_perceptual_term():
     cfg = tiny_cfg(disc_start_step=0, perceptual_backbone="random-vgg16", perceptual_weight=1.0, perceptual_slices=2)
     perceptual, description = build_perceptual(cfg)
     disc2d, disc3d = SliceDiscriminator2D(8, 2), PatchDiscriminator3D(8, 2)
-    loss_fn = VQGANLoss(cfg, perceptual)
+    loss_fn = build_vqgan_loss(cfg, perceptual)
     loss, logs = loss_fn.generator_loss(x, x_rec, vq, disc2d, disc3d, 0, model.last_layer)
     assert "NOT pretrained" in description
     assert logs["perceptual"] > 0 and logs["adaptive_weight"] > 0 and logs["feature_match"] > 0
@@ -141,7 +141,7 @@ def test_feature_match_sum_is_n_layers_times_mean():
     for red in ("mean", "sum"):
         cfg = tiny_cfg(disc_start_step=0, feature_match_reduction=red, image_gan_weight=1.0, volume_gan_weight=0.5)
         torch.manual_seed(2)  # the same random slice for the 2D discriminator
-        logs[red] = VQGANLoss(cfg).generator_loss(x, x_rec, vq, disc2d, disc3d, 0, model.last_layer)[1]
+        logs[red] = build_vqgan_loss(cfg).generator_loss(x, x_rec, vq, disc2d, disc3d, 0, model.last_layer)[1]
     assert logs["mean"]["feature_match"] > 0
     assert logs["sum"]["feature_match"] == pytest.approx(n * logs["mean"]["feature_match"], rel=1e-5)
     assert logs["sum"]["g_gan"] == pytest.approx(logs["mean"]["g_gan"], rel=1e-6)  # only feature matching changed
@@ -221,7 +221,7 @@ def test_window_l1_weighs_soft_tissue_errors_and_ignores_them_outside_the_window
     it costs 0.02 * 2 / 0.4 = 0.1; the same error on bone (0.7 -> 0.72, outside) costs nothing."""
     model, _, _, vq = _model_and_batch()
     cfg = tiny_cfg(disc_start_step=100, l1_weight=4.0, window_l1_weight=2.0)
-    loss_fn = VQGANLoss(cfg, window=lambda x: (-0.16, 0.24))
+    loss_fn = build_vqgan_loss(cfg, window=lambda x: (-0.16, 0.24))
     x = torch.full((1, 1, 4, 8, 8), 0.04)
     assert loss_fn.window_l1(x, x + 0.02).item() == pytest.approx(0.1, rel=1e-5)
     bone = torch.full_like(x, 0.7)
@@ -230,4 +230,4 @@ def test_window_l1_weighs_soft_tissue_errors_and_ignores_them_outside_the_window
     assert logs["l1_window"] == pytest.approx(0.1, rel=1e-5)
     assert loss.item() == pytest.approx(4.0 * 0.02 + 2.0 * 0.1 + vq.commitment_loss.item(), rel=1e-5)
     with pytest.raises(ValueError, match="display window"):
-        VQGANLoss(cfg)
+        build_vqgan_loss(cfg)

@@ -8,8 +8,8 @@ import multiprocessing as mp
 import pytest
 import torch
 
-from medlsdm.autoencoder import VQGAN, PatchDiscriminator3D, SliceDiscriminator2D, VectorQuantizer
-from medlsdm.config import VQGANConfig, load_config
+from medlsdm.autoencoder import VQGAN, PatchDiscriminator3D, SliceDiscriminator2D, VectorQuantizer, build_vqgan
+from medlsdm.config import load_config
 from medlsdm.errors import UserError
 
 
@@ -27,7 +27,7 @@ def n_params(module: torch.nn.Module) -> int:
 )
 def test_shapes_through_encode_quantize_decode(shape, downsample):
     torch.manual_seed(0)
-    model = VQGAN(tiny_cfg(downsample=downsample, n_codes=64)).eval()
+    model = build_vqgan(tiny_cfg(downsample=downsample, n_codes=64)).eval()
     x = torch.rand(1, 1, *shape) * 2 - 1
     latent = tuple(s // f for s, f in zip(shape, downsample))
     assert model.latent_shape(shape) == latent
@@ -42,7 +42,7 @@ def test_shapes_through_encode_quantize_decode(shape, downsample):
 
 def test_forward_and_decode_indices_agree():
     torch.manual_seed(0)
-    model = VQGAN(tiny_cfg(n_codes=64)).eval()
+    model = build_vqgan(tiny_cfg(n_codes=64)).eval()
     x = torch.rand(2, 1, 8, 16, 24) * 2 - 1
     with torch.no_grad():
         rec, vq = model(x)
@@ -54,7 +54,7 @@ def test_forward_and_decode_indices_agree():
 
 @pytest.mark.parametrize("upsample", ["transpose", "nearest_conv"])
 def test_axis_with_factor_one_is_never_strided(upsample):
-    model = VQGAN(tiny_cfg(downsample=(1, 4, 4), upsample=upsample))
+    model = build_vqgan(tiny_cfg(downsample=(1, 4, 4), upsample=upsample))
     assert model.encoder.levels[0][0].stride == (1, 2, 2)
     up = model.decoder.levels[0][0]
     if upsample == "transpose":
@@ -64,16 +64,16 @@ def test_axis_with_factor_one_is_never_strided(upsample):
 
 
 def test_bad_shapes_and_factors_are_user_errors():
-    model = VQGAN(tiny_cfg())
+    model = build_vqgan(tiny_cfg())
     with pytest.raises(UserError, match="not divisible"):
         model.encode(torch.zeros(1, 1, 15, 64, 64))
     with pytest.raises(UserError, match="powers of two"):
-        VQGAN(tiny_cfg(downsample=(3, 4, 4)))
+        build_vqgan(tiny_cfg(downsample=(3, 4, 4)))
 
 
 def test_straight_through_gradients_reach_the_encoder():
     torch.manual_seed(0)
-    model = VQGAN(tiny_cfg(n_codes=32)).train()
+    model = build_vqgan(tiny_cfg(n_codes=32)).train()
     x = torch.rand(2, 1, 4, 16, 16) * 2 - 1
     rec, vq = model(x)
     (rec - x).abs().mean().backward()  # reconstruction only: no commitment term
@@ -166,7 +166,7 @@ def test_first_batch_initialises_codebook_and_loss_mode_trains_it():
 
 
 def test_codebook_range_is_min_max_of_codebook():
-    model = VQGAN(tiny_cfg(n_codes=16))
+    model = build_vqgan(tiny_cfg(n_codes=16))
     model.quantizer.embedding.copy_(torch.linspace(-3.0, 5.0, 16 * 8).view(16, 8))
     assert model.codebook_range() == (pytest.approx(-3.0), pytest.approx(5.0))
     assert model.last_layer is model.decoder.conv_out.weight
@@ -174,7 +174,7 @@ def test_codebook_range_is_min_max_of_codebook():
 
 def test_paper_preset_parameter_counts_match_appendix_a():
     cfg = load_config("paper").vqgan
-    model = VQGAN(cfg)
+    model = build_vqgan(cfg)
     counts = {
         "encoder": n_params(model.encoder),
         "decoder": n_params(model.decoder),
@@ -221,9 +221,8 @@ def test_ddp_ranks_hold_identical_all_reduced_codebooks(tmp_path):
 
 @pytest.mark.parametrize("downsample", [(4, 4, 4), (1, 4, 4), (2, 4, 4)])
 def test_nearest_conv_decoder_keeps_shapes_and_has_no_transposed_convs(downsample):
-    cfg = VQGANConfig(channels=4, downsample=downsample, embedding_dim=4, n_codes=16, upsample="nearest_conv",
-                      decoder_tanh=True)
-    model = VQGAN(cfg)
+    model = VQGAN(channels=4, downsample=downsample, embedding_dim=4, n_codes=16, upsample="nearest_conv",
+                  decoder_tanh=True)
     x = torch.rand(1, 1, 8, 16, 16) * 2 - 1
     y, _ = model(x)
     assert y.shape == x.shape

@@ -24,7 +24,6 @@ from torch import nn
 
 from medlsdm.autoencoder.discriminators import sample_slices
 from medlsdm.autoencoder.quantizer import QuantizerOutput
-from medlsdm.config import VQGANConfig
 
 
 def hinge_d_loss(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
@@ -48,18 +47,51 @@ def feature_matching(fake: list[torch.Tensor], real: list[torch.Tensor], reducti
 
 
 class VQGANLoss(nn.Module):
-    """Generator and discriminator losses for stage 1; ``perceptual`` comes from ``build_perceptual``."""
+    """Generator and discriminator losses for stage 1; ``perceptual`` comes from
+    ``medlsdm.autoencoder.perceptual.perceptual_network``; :func:`medlsdm.autoencoder.build.build_vqgan_loss`
+    maps a ``VQGANConfig`` onto the arguments (whose defaults are the config's)."""
 
-    def __init__(self, cfg: VQGANConfig, perceptual: Optional[nn.Module] = None,
-                 window: Optional[Callable[[torch.Tensor], tuple[float, float]]] = None):
-        """``window(x) -> (lo, hi)``: the display window of a batch (normalised units) for the window L1 term
-        (``cfg.window_l1_weight``), e.g. ``lambda x: medlsdm.data.display.display_window(data_cfg, x)``."""
+    def __init__(
+        self,
+        perceptual: Optional[nn.Module] = None,
+        window: Optional[Callable[[torch.Tensor], tuple[float, float]]] = None,
+        *,
+        l1_weight: float = 4.0,
+        window_l1_weight: float = 0.0,
+        perceptual_weight: float = 1.0,
+        disc_start_step: int = 2000,
+        gan_loss: str = "hinge",
+        image_gan_weight: float = 1.0,
+        volume_gan_weight: float = 1.0,
+        feature_match_weight: float = 4.0,
+        feature_match_reduction: str = "mean",
+        adaptive_weight_max: float = 1e4,
+    ):
+        """``perceptual(x, x_rec) -> scalar`` (frozen) or None. ``window(x) -> (lo, hi)``: the display window
+        of a batch (normalised units) for the window L1 term (``window_l1_weight``), e.g.
+        ``lambda x: medlsdm.data.display.display_window(data_cfg, x)``. The weights and the rest are those of
+        the module docstring's formula; ``gan_loss`` "hinge" or "vanilla", ``feature_match_reduction`` "mean"
+        or "sum", ``adaptive_weight_max`` the clamp of eq. 7's weight."""
         super().__init__()
-        if cfg.gan_loss not in ("hinge", "vanilla"):
-            raise ValueError(f"gan_loss must be 'hinge' or 'vanilla', got {cfg.gan_loss!r}")
-        if cfg.window_l1_weight > 0 and window is None:
+        if perceptual is not None and not isinstance(perceptual, nn.Module):  # the former VQGANLoss(cfg) call
+            raise TypeError("VQGANLoss takes typed arguments; build it from a VQGANConfig with "
+                            "medlsdm.autoencoder.build_vqgan_loss(cfg, perceptual, window)")
+        if gan_loss not in ("hinge", "vanilla"):
+            raise ValueError(f"gan_loss must be 'hinge' or 'vanilla', got {gan_loss!r}")
+        if feature_match_reduction not in ("mean", "sum"):
+            raise ValueError(f"feature matching reduction must be 'mean' or 'sum', got {feature_match_reduction!r}")
+        if window_l1_weight > 0 and window is None:
             raise ValueError("vqgan.window_l1_weight > 0 needs the display window")
-        self.cfg = cfg
+        self.l1_weight = l1_weight
+        self.window_l1_weight = window_l1_weight
+        self.perceptual_weight = perceptual_weight
+        self.disc_start_step = disc_start_step
+        self.gan_loss = gan_loss
+        self.image_gan_weight = image_gan_weight
+        self.volume_gan_weight = volume_gan_weight
+        self.feature_match_weight = feature_match_weight
+        self.feature_match_reduction = feature_match_reduction
+        self.adaptive_weight_max = adaptive_weight_max
         self.perceptual = perceptual
         self.window = window
 
@@ -71,11 +103,11 @@ class VQGANLoss(nn.Module):
         return (x_rec.clamp(lo, hi) - x.clamp(lo, hi)).abs().mean() * (2.0 / (hi - lo))
 
     def gan_active(self, step: int) -> bool:
-        return step >= self.cfg.disc_start_step
+        return step >= self.disc_start_step
 
     def _g_term(self, logits: torch.Tensor) -> torch.Tensor:
         """Generator adversarial term: -E[D(fake)] (hinge) or non-saturating softplus(-D(fake))."""
-        return -logits.mean() if self.cfg.gan_loss == "hinge" else F.softplus(-logits).mean()
+        return -logits.mean() if self.gan_loss == "hinge" else F.softplus(-logits).mean()
 
     def adaptive_weight(
         self,
@@ -90,7 +122,7 @@ class VQGANLoss(nn.Module):
         Uses ``torch.autograd.grad`` (graphs retained, no ``.grad`` written). Without a graph (e.g. under
         ``torch.no_grad`` in validation) it returns 0.
         """
-        max_weight = self.cfg.adaptive_weight_max if max_weight is None else max_weight
+        max_weight = self.adaptive_weight_max if max_weight is None else max_weight
         if not (torch.is_grad_enabled() and rec_loss.requires_grad and gan_loss.requires_grad):
             return rec_loss.new_zeros((), dtype=torch.float32)
         g_rec = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
@@ -109,13 +141,12 @@ class VQGANLoss(nn.Module):
         last_layer: torch.Tensor,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Autoencoder loss for x, x_rec (B, 1, D, H, W); returns (scalar loss, logs of python floats)."""
-        cfg = self.cfg
         l1 = (x_rec - x).abs().mean()
         perceptual = x.new_zeros((), dtype=torch.float32)
-        if self.perceptual is not None and cfg.perceptual_weight > 0:
+        if self.perceptual is not None and self.perceptual_weight > 0:
             perceptual = self.perceptual(x, x_rec)
-        l1_win = self.window_l1(x, x_rec) if cfg.window_l1_weight > 0 else x.new_zeros((), dtype=torch.float32)
-        rec_loss = cfg.l1_weight * l1 + cfg.window_l1_weight * l1_win + cfg.perceptual_weight * perceptual
+        l1_win = self.window_l1(x, x_rec) if self.window_l1_weight > 0 else x.new_zeros((), dtype=torch.float32)
+        rec_loss = self.l1_weight * l1 + self.window_l1_weight * l1_win + self.perceptual_weight * perceptual
         loss = rec_loss + vq_out.commitment_loss + vq_out.codebook_loss
         zero = x.new_zeros((), dtype=torch.float32)
         g2d = g3d = g_gan = fm = weight = zero
@@ -124,17 +155,17 @@ class VQGANLoss(nn.Module):
             logits2d, feats_fake2d = disc2d(fake2d)
             logits3d, feats_fake3d = disc3d(x_rec)
             g2d, g3d = self._g_term(logits2d), self._g_term(logits3d)
-            g_gan = cfg.image_gan_weight * g2d + cfg.volume_gan_weight * g3d
+            g_gan = self.image_gan_weight * g2d + self.volume_gan_weight * g3d
             weight = self.adaptive_weight(rec_loss, g_gan, last_layer)
             loss = loss + weight * g_gan
-            if cfg.feature_match_weight > 0:
+            if self.feature_match_weight > 0:
                 with torch.no_grad():
                     feats_real2d = disc2d(real2d)[1]
                     feats_real3d = disc3d(x)[1]
-                red = cfg.feature_match_reduction
-                fm = cfg.image_gan_weight * feature_matching(feats_fake2d, feats_real2d, red)
-                fm = fm + cfg.volume_gan_weight * feature_matching(feats_fake3d, feats_real3d, red)
-                loss = loss + cfg.feature_match_weight * fm
+                red = self.feature_match_reduction
+                fm = self.image_gan_weight * feature_matching(feats_fake2d, feats_real2d, red)
+                fm = fm + self.volume_gan_weight * feature_matching(feats_fake3d, feats_real3d, red)
+                loss = loss + self.feature_match_weight * fm
         logs = {
             "loss": loss,
             "l1": l1,
@@ -169,14 +200,13 @@ class VQGANLoss(nn.Module):
         if not self.gan_active(step):
             zero = torch.zeros((), device=x.device, requires_grad=True)
             return zero, {"d_loss": 0.0, "d_loss_2d": 0.0, "d_loss_3d": 0.0, "d_active": 0.0}
-        cfg = self.cfg
         x_rec = x_rec.detach()
-        d_fn = hinge_d_loss if cfg.gan_loss == "hinge" else vanilla_d_loss
+        d_fn = hinge_d_loss if self.gan_loss == "hinge" else vanilla_d_loss
         real2d, fake2d = sample_slices(x, x_rec)
         real_logits2d, fake_logits2d = disc2d(real2d)[0], disc2d(fake2d)[0]
         real_logits3d, fake_logits3d = disc3d(x)[0], disc3d(x_rec)[0]
         d2d, d3d = d_fn(real_logits2d, fake_logits2d), d_fn(real_logits3d, fake_logits3d)
-        loss = cfg.image_gan_weight * d2d + cfg.volume_gan_weight * d3d
+        loss = self.image_gan_weight * d2d + self.volume_gan_weight * d3d
         logs = {
             "d_loss": loss,
             "d_loss_2d": d2d,

@@ -1,12 +1,14 @@
 """Perceptual loss on 2D slices (paper eq. 5), LPIPS-style, with a pluggable backbone.
 
-Backbones (``VQGANConfig.perceptual_backbone``):
+:func:`perceptual_network` builds it from typed arguments for both stages: the VQ-GAN loss (through
+``medlsdm.autoencoder.build.build_perceptual``, which maps ``vqgan.perceptual_*`` onto it) and the LPIPS
+metric of the evaluation stage. Backbones (``backbone``; ``vqgan.perceptual_backbone`` in the config):
 
 * ``"vgg16"``: VGG16 ``features`` whose state-dict keys match torchvision's ImageNet checkpoint
-  (``vgg16-397923af.pth``), read from ``perceptual_weights`` or from the torch hub cache
+  (``vgg16-397923af.pth``), read from ``weights`` (``vqgan.perceptual_weights``) or from the torch hub cache
   (``torch.hub.get_dir()/checkpoints``). Nothing is downloaded. Optionally LPIPS's linear-layer weights
-  (the lpips package's ``vgg.pth``) from ``perceptual_lpips_weights``; without them every channel
-  weighs the same.
+  (the lpips package's ``vgg.pth``) from ``lpips_weights`` (``vqgan.perceptual_lpips_weights``); without them
+  every channel weighs the same.
 * ``"random-vgg16"``: the same network randomly initialised (named so in every description).
 * ``"none"``: no perceptual term.
 """
@@ -14,13 +16,12 @@ Backbones (``VQGANConfig.perceptual_backbone``):
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medlsdm.config import VQGANConfig
 from medlsdm.errors import UserError
 
 VGG16_FILE = "vgg16-397923af.pth"
@@ -149,27 +150,39 @@ def default_vgg16_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / VGG16_FILE
 
 
-def build_perceptual(cfg: VQGANConfig) -> tuple[Optional[PerceptualLoss], str]:
-    """The perceptual module named by ``cfg.perceptual_backbone`` (or None) and a one-line description."""
-    backbone = cfg.perceptual_backbone
-    if backbone == "none" or cfg.perceptual_weight == 0:
-        return None, "none (no perceptual term)"
+NO_PERCEPTUAL = "none (no perceptual term)"  # the description when there is no network
+
+
+def perceptual_network(
+    backbone: str = "random-vgg16",
+    weights: Optional[Union[str, Path]] = None,
+    lpips_weights: Optional[Union[str, Path]] = None,
+    n_slices: int = 4,
+) -> tuple[Optional[PerceptualLoss], str]:
+    """The frozen perceptual network named by ``backbone`` ("vgg16", "random-vgg16" or "none" -> None) and a
+    one-line description naming it, its weights files and whether it is pretrained.
+
+    weights: torchvision's VGG16 file for "vgg16" (None: the torch hub cache). lpips_weights: LPIPS's
+    linear-layer file (None: every channel weighs the same). n_slices: slices per volume compared (0 = all).
+    Missing or wrong files are one-line UserErrors."""
+    if backbone == "none":
+        return None, NO_PERCEPTUAL
     if backbone == "random-vgg16":
-        return PerceptualLoss(cfg.perceptual_slices), "randomly initialised VGG16 (NOT pretrained)"
+        return PerceptualLoss(n_slices), "randomly initialised VGG16 (NOT pretrained)"
     if backbone != "vgg16":
         choices = "'vgg16', 'random-vgg16' or 'none'"
         raise UserError(f"config: vqgan.perceptual_backbone must be {choices}, got {backbone!r}")
-    path = Path(cfg.perceptual_weights).expanduser() if cfg.perceptual_weights else default_vgg16_path()
+    path = Path(weights).expanduser() if weights else default_vgg16_path()
     if not path.is_file():
         raise UserError(
             f"{path}: VGG16 weights not found (give vqgan.perceptual_weights = torchvision's {VGG16_FILE}, "
             "or use perceptual_backbone 'random-vgg16' or 'none')"
         )
-    module = PerceptualLoss(cfg.perceptual_slices)
+    module = PerceptualLoss(n_slices)
     load_vgg16(module, path)
     description = f"VGG16 (ImageNet weights from {path})"
-    if cfg.perceptual_lpips_weights:
-        lin_path = Path(cfg.perceptual_lpips_weights).expanduser()
+    if lpips_weights:
+        lin_path = Path(lpips_weights).expanduser()
         if not lin_path.is_file():
             raise UserError(f"{lin_path}: LPIPS linear-layer weights not found")
         load_lpips_linear(module, lin_path)

@@ -15,13 +15,14 @@ the decoder 948,417 (paper Appendix A: 441.5K and 948.6K); these counts exclude 
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 from monai.networks.nets.autoencoderkl import AEKLResBlock
 from torch import nn
 
 from medlsdm.autoencoder.quantizer import QuantizerOutput, VectorQuantizer
-from medlsdm.config import VQGAN_UPSAMPLE, VQGANConfig
+from medlsdm.config import VQGAN_UPSAMPLE
 from medlsdm.errors import UserError
 
 
@@ -110,24 +111,48 @@ class Decoder(nn.Module):
 class VQGAN(nn.Module):
     """Encoder -> pre_quant -> codebook -> post_quant -> decoder, for volumes (B, 1, D, H, W) in [-1, 1]."""
 
-    def __init__(self, cfg: VQGANConfig, in_channels: int = 1):
+    def __init__(
+        self,
+        in_channels: int = 1,
+        channels: int = 16,
+        downsample: Sequence[int] = (4, 4, 4),
+        embedding_dim: int = 8,
+        n_codes: int = 16384,
+        num_res_blocks: int = 1,
+        upsample: str = "transpose",
+        decoder_tanh: bool = False,
+        commitment_beta: float = 0.25,
+        codebook_update: str = "ema",
+        ema_decay: float = 0.99,
+        dead_code_threshold: float = 1.0,
+        quantize_chunk: int = 4096,
+    ):
+        """Defaults are the ``paper`` preset's; build from a ``VQGANConfig`` with
+        :func:`medlsdm.autoencoder.build.build_vqgan` (the one place where the config maps onto these).
+
+        in_channels: image channels (in and out). channels: width of the first encoder level (doubled at each
+        downsampling). downsample: (D, H, W) compression, powers of two. embedding_dim: code dimension E.
+        n_codes: codebook size K. upsample: decoder up-sampling, "transpose" or "nearest_conv".
+        decoder_tanh: a final tanh. The rest configure :class:`VectorQuantizer` (beta, update, decay,
+        dead_code_threshold, chunk)."""
         super().__init__()
-        self.cfg = cfg
-        self.downsample = tuple(cfg.downsample)
-        self.encoder = Encoder(cfg.channels, self.downsample, in_channels, cfg.num_res_blocks)
-        self.pre_quant = nn.Conv3d(self.encoder.out_channels, cfg.embedding_dim, 1)
+        if not isinstance(in_channels, int):  # the former VQGAN(cfg) call
+            raise TypeError("VQGAN takes typed arguments; build it from a VQGANConfig with "
+                            "medlsdm.autoencoder.build_vqgan(cfg)")
+        self.downsample = tuple(int(f) for f in downsample)
+        self.encoder = Encoder(channels, self.downsample, in_channels, num_res_blocks)
+        self.pre_quant = nn.Conv3d(self.encoder.out_channels, embedding_dim, 1)
         self.quantizer = VectorQuantizer(
-            cfg.n_codes,
-            cfg.embedding_dim,
-            beta=cfg.commitment_beta,
-            update=cfg.codebook_update,
-            decay=cfg.ema_decay,
-            dead_code_threshold=cfg.dead_code_threshold,
-            chunk=cfg.quantize_chunk,
+            n_codes,
+            embedding_dim,
+            beta=commitment_beta,
+            update=codebook_update,
+            decay=ema_decay,
+            dead_code_threshold=dead_code_threshold,
+            chunk=quantize_chunk,
         )
-        self.post_quant = nn.Conv3d(cfg.embedding_dim, self.encoder.out_channels, 1)
-        self.decoder = Decoder(cfg.channels, self.downsample, in_channels, cfg.num_res_blocks, cfg.upsample,
-                               cfg.decoder_tanh)
+        self.post_quant = nn.Conv3d(embedding_dim, self.encoder.out_channels, 1)
+        self.decoder = Decoder(channels, self.downsample, in_channels, num_res_blocks, upsample, decoder_tanh)
 
     def latent_shape(self, shape: tuple[int, int, int]) -> tuple[int, int, int]:
         """Latent (d, h, w) for a volume (D, H, W); a shape the factors do not divide is a UserError."""

@@ -26,7 +26,7 @@ from medlsdm.evaluation.privacy import privacy_audit
 from medlsdm.evaluation.report import write_report
 from medlsdm.evaluation.segmentation import dice_protocol, load_segmenter, segmentation_encoder, train_segmenter
 from medlsdm.io import atomic_write_text
-from medlsdm.training.distributed import resolve_device
+from medlsdm.devices import resolve_device
 
 DOMAIN_NAME = "segmentation U-Net encoder (Appendix B network trained on the real training set)"
 FEATURES = ("auto", "inception", "random-inception", "medicalnet", "random-medicalnet", "domain")
@@ -70,10 +70,12 @@ def paired_metrics(real: VolumeSet, synthetic: VolumeSet, partner: Sequence[int]
     for name, fn in (("ssim", M.ssim), ("psnr", M.psnr), ("rmse", M.rmse)):
         out[name] = _stats({sid: fn(r, s) for sid, r, s in pairs})
     if with_lpips:
-        backbone = cfg.vqgan if cfg.vqgan.perceptual_backbone != "none" else "random-vgg16"
+        v = cfg.vqgan
+        backbone, weights, lin = ((v.perceptual_backbone, v.perceptual_weights, v.perceptual_lpips_weights)
+                                  if v.perceptual_backbone != "none" else ("random-vgg16", None, None))
         values, desc = {}, ""
         for sid, r, s in pairs:
-            values[sid], desc = M.lpips(r, s, backbone)
+            values[sid], desc = M.lpips(r, s, backbone, weights=weights, lpips_weights=lin)
         out["lpips"] = dict(_stats(values), backbone=desc)
     return out
 

@@ -22,8 +22,7 @@ import torch
 import torch.nn.functional as F
 from monai.metrics import PSNRMetric, RMSEMetric, SSIMMetric
 
-from medlsdm.autoencoder.perceptual import PerceptualLoss, build_perceptual
-from medlsdm.config import VQGANConfig
+from medlsdm.autoencoder.perceptual import PerceptualLoss, perceptual_network
 from medlsdm.errors import UserError
 
 DATA_RANGE = 2.0  # intensities live in [-1, 1]
@@ -79,9 +78,7 @@ def rmse(a: Volumes, b: Volumes) -> float:
 
 @lru_cache(maxsize=2)
 def _perceptual(backbone: str, weights: Optional[str], lpips_weights: Optional[str]) -> tuple[PerceptualLoss, str]:
-    cfg = VQGANConfig(perceptual_backbone=backbone, perceptual_weight=1.0, perceptual_weights=weights,
-                      perceptual_lpips_weights=lpips_weights, perceptual_slices=1)
-    module, description = build_perceptual(cfg)
+    module, description = perceptual_network(backbone, weights, lpips_weights, n_slices=1)
     if module is None:
         raise UserError(f"config: LPIPS needs a perceptual backbone ('vgg16' or 'random-vgg16'), got {backbone!r}")
     return module, description
@@ -90,24 +87,25 @@ def _perceptual(backbone: str, weights: Optional[str], lpips_weights: Optional[s
 def lpips(
     a: Volumes,
     b: Volumes,
-    backbone: Union[VQGANConfig, str] = "random-vgg16",
+    backbone: str = "random-vgg16",
     planes: Sequence[str] = ("axial", "coronal", "sagittal"),
     chunk: int = 16,
+    *,
+    weights: Optional[str] = None,
+    lpips_weights: Optional[str] = None,
 ) -> tuple[float, str]:
     """LPIPS-style distance between paired volumes on every 2D slice of each plane -> (mean, backbone).
 
     a, b: (B, 1, D, H, W) in [-1, 1]. The network is ``medlsdm.autoencoder.perceptual``'s (VGG16 taps,
-    channel-unit-normalised features, LPIPS linear weights when given), chosen by a ``VQGANConfig``'s
-    ``perceptual_backbone`` / ``perceptual_weights`` / ``perceptual_lpips_weights`` or by a backbone name
-    ("vgg16" reads torchvision's file from the torch hub cache; "random-vgg16" is NOT pretrained).
+    channel-unit-normalised features, LPIPS linear weights when given), built by its ``perceptual_network``:
+    ``backbone`` "vgg16" (torchvision's file ``weights``, by default from the torch hub cache) or "random-vgg16"
+    (NOT pretrained); ``lpips_weights`` LPIPS's linear-layer file. The description returned names the network,
+    its weights files and whether it is pretrained.
     Slices with a side under 32 pixels are bilinearly enlarged so that VGG's four poolings fit.
     The result is the mean over planes of the mean over that plane's slices.
     """
-    if isinstance(backbone, VQGANConfig):
-        key = (backbone.perceptual_backbone, backbone.perceptual_weights, backbone.perceptual_lpips_weights)
-    else:
-        key = (backbone, None, None)
-    module, description = _perceptual(*key)
+    module, description = _perceptual(backbone, None if weights is None else str(weights),
+                                       None if lpips_weights is None else str(lpips_weights))
     a, b = as_batch(a), as_batch(b)
     module.to(a.device)
     if a.shape != b.shape:

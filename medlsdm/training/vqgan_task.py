@@ -16,10 +16,8 @@ import torch
 from monai.metrics import PSNRMetric, SSIMMetric
 from torch import nn
 
+from medlsdm.autoencoder.build import build_perceptual, build_vqgan, build_vqgan_loss
 from medlsdm.autoencoder.discriminators import PatchDiscriminator3D, SliceDiscriminator2D
-from medlsdm.autoencoder.losses import VQGANLoss
-from medlsdm.autoencoder.perceptual import build_perceptual
-from medlsdm.autoencoder.vqgan import VQGAN
 from medlsdm.config import Config, TrainConfig
 from medlsdm.data.display import display_window, to_window
 from medlsdm.training.engine import Task
@@ -55,10 +53,10 @@ class VQGANTask(Task):
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.vqgan = VQGAN(cfg.vqgan)
+        self.vqgan = build_vqgan(cfg.vqgan)
         self.disc2d, self.disc3d = build_discriminators(cfg)
         perceptual, self.perceptual_description = build_perceptual(cfg.vqgan)
-        self.loss = VQGANLoss(cfg.vqgan, perceptual, window=lambda x: display_window(cfg.data, x))
+        self.loss = build_vqgan_loss(cfg.vqgan, perceptual, window=lambda x: display_window(cfg.data, x))
         self.perceptual = perceptual
 
     def modules(self) -> dict[str, nn.Module]:
