@@ -11,6 +11,8 @@ Run directory::
     RUN_DIR/config.yaml                  resolved config
     RUN_DIR/metrics.csv                  step,split,name,value (long format)
     RUN_DIR/previews/*.png               validation previews
+    RUN_DIR/tensorboard/events.out.*     the same values as metrics.csv (tag ``split/name``) and the previews
+                                         (tag ``previews``), for TensorBoard; metrics.csv stays the record
     RUN_DIR/checkpoints/step_000200/     <module>.safetensors, state.pt, rng_rank<r>.pt
     RUN_DIR/checkpoints/latest           name of the newest complete checkpoint
     RUN_DIR/best/step_000400/            <module>.safetensors: the weights with the best validation
@@ -29,6 +31,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
 
@@ -167,6 +170,7 @@ class Trainer:
         self.progress = progress and dist.is_main
         self.bf16 = use_bf16(train_cfg.precision, dist.device)
         self.logger = CSVLogger(self.run_dir / "metrics.csv")
+        self.tb: Any = None  # SummaryWriter on the main rank while fit runs
         for m in task.modules().values():
             m.to(dist.device)
         self.wrapped = {k: self._wrap(m) for k, m in task.trainable().items()}
@@ -191,6 +195,8 @@ class Trainer:
         name = f"step_{self.step:07d}"
         final = self.ckpt_root / name
         tmp = self.ckpt_root / f".tmp_{name}"
+        if self.tb is not None:  # a killed run then still holds every TensorBoard point up to its checkpoint
+            self.tb.flush()
         if self.dist.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
@@ -241,10 +247,72 @@ class Trainer:
                             generator=torch.Generator().manual_seed(self.cfg.seed))  # keeps the global RNG untouched
         return iter(loader)
 
+    # ------------------------------------------------------------------ logs
+    def _open_tensorboard(self, resume: bool) -> None:
+        """Main rank: a SummaryWriter in ``RUN_DIR/tensorboard``. A resumed run writes a purge marker at the step
+        after its checkpoint, so TensorBoard hides the old run's points after the checkpoint (they are logged again,
+        as ``CSVLogger.drop_after`` does for metrics.csv); a new run starts without an earlier run's events."""
+        if not self.dist.is_main:
+            return
+        logdir = self.run_dir / "tensorboard"
+        if not resume:
+            shutil.rmtree(logdir, ignore_errors=True)
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # imported here: slow, and only training needs it
+        except ImportError as e:
+            warnings.warn(f"TensorBoard logging is off ({e}); metrics.csv holds the values", stacklevel=3)
+            return
+        # TensorBoard keeps the points before purge_step: the checkpoint's own step is not logged again
+        self.tb = SummaryWriter(log_dir=str(logdir), purge_step=self.step + 1 if resume else None)
+
+    def _close_tensorboard(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+
+    def _log(self, step: int, split: str, values: Mapping[str, float]) -> None:
+        """One set of values into metrics.csv and (tag ``split/name``) TensorBoard; main rank only."""
+        self.logger.log(step, split, values)
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(f"{split}/{k}", float(v), step)
+
+    def _preview_state(self) -> Optional[tuple[int, int]]:
+        """(mtime, size) of this step's preview PNG, or None: tells whether validation (re)wrote it."""
+        try:
+            st = (self.run_dir / "previews" / f"step_{self.step:07d}.png").stat()
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size
+
+    def _log_preview(self, before: Optional[tuple[int, int]]) -> None:
+        """The preview PNG the task wrote for this step (if it wrote one) as TensorBoard image ``previews``."""
+        now = self._preview_state()
+        if self.tb is None or now is None or now == before:
+            return
+        import numpy as np
+        from PIL import Image
+
+        path = self.run_dir / "previews" / f"step_{self.step:07d}.png"
+        try:
+            with Image.open(path) as im:
+                img = np.asarray(im.convert("RGB"))
+        except OSError as e:
+            warnings.warn(f"{path}: preview not logged to TensorBoard ({e})", stacklevel=2)
+            return
+        self.tb.add_image("previews", img, self.step, dataformats="HWC")
+
+    # ------------------------------------------------------------------ loop
     def fit(self, max_steps: Optional[int] = None, resume: bool = False,
             max_seconds: Optional[float] = None) -> dict[str, float]:
         """Train until ``max_steps`` (default: the config's) or, when given, until ``max_seconds`` of wall
         time have passed (then a checkpoint is written at the current step); returns the last logged values."""
+        try:
+            return self._fit(max_steps, resume, max_seconds)
+        finally:  # also on an error: what was logged reaches the event file (append-only, so never half a state)
+            self._close_tensorboard()
+
+    def _fit(self, max_steps: Optional[int], resume: bool, max_seconds: Optional[float]) -> dict[str, float]:
         max_steps = self.tc.max_steps if max_steps is None else max_steps
         if resume:
             ckpt = self.latest_checkpoint()
@@ -263,6 +331,7 @@ class Trainer:
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.run_dir / "config.yaml")
+        self._open_tensorboard(resume)
         if len(self.train_set) < self.tc.batch_size * self.dist.world_size:
             raise UserError(f"training set has {len(self.train_set)} cases, fewer than batch_size x ranks "
                             f"= {self.tc.batch_size * self.dist.world_size}")
@@ -280,7 +349,7 @@ class Trainer:
             if self.step % self.tc.log_every == 0 or self.step == max_steps:
                 logged = {k: self.dist.all_reduce_mean(v) for k, v in sorted(last.items())}
                 if self.dist.is_main:
-                    self.logger.log(self.step, "train", logged)
+                    self._log(self.step, "train", logged)
                 bar.set_postfix({k: f"{logged[k]:.3g}" for k in self.task.progress_keys if k in logged})
             if self.val_set is not None and (self.step % self.tc.val_every == 0 or self.step == max_steps):
                 self.run_validation()
@@ -330,11 +399,15 @@ class Trainer:
             loader = DataLoader(self.val_set, batch_size=1, shuffle=False, num_workers=0)
             for m in self.task.modules().values():
                 m.eval()
+            preview = self._preview_state()
             with torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 metrics = self.task.validate(loader, self.step, self.run_dir)
             for m in self.task.trainable().values():
                 m.train()
-            self.logger.log(self.step, "val", metrics)
+            self._log(self.step, "val", metrics)
+            self._log_preview(preview)
+            if self.tb is not None:
+                self.tb.flush()
             if self.tc.keep_best:
                 self._keep_if_best(metrics)
         self.dist.barrier()
