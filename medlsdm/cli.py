@@ -6,21 +6,70 @@ Errors a user can fix are printed as one line (``medlsdm: error: ...``) with exi
 from __future__ import annotations
 
 import argparse
+import math
+import re
 import sys
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, NoReturn, Optional, Sequence
 
+from medlsdm.config import SAMPLERS
 from medlsdm.errors import UserError
 
 EPILOG = "Data folders: nnU-Net raw (dataset.json, imagesTr/, labelsTr/), images/+labels/ pairs, a CSV/JSON manifest, SynthRAD2023 (<patient>/ct.nii.gz) or DICOM series folders. See README.md."
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``medlsdm COMMAND: error: ...`` and exit 2 (no usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"medlsdm: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def _device(text: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", text):
+        raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda, cuda:N or mps, got {text!r}")
+    return text
 
 
 def _shape(values: Sequence[str]) -> tuple[int, int, int]:
     return tuple(int(v) for v in values)  # type: ignore[return-value]
 
 
-def _add_config(p: argparse.ArgumentParser, default: Optional[str] = "tiny") -> None:
-    p.add_argument("--config", default=default, help="preset name (tiny, paper) or a YAML file (default: %(default)s)")
+def _add_config(p: argparse.ArgumentParser, planned: str = "the plan of the data (medlsdm plan)") -> None:
+    p.add_argument("--config", default=None,
+                   help=f"preset name (tiny, paper), a YAML file or a plan from 'medlsdm plan' (default: {planned})")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value, e.g. --set ldm.sampler=ddim (repeatable; validated like the file)")
 
 
 def _add_data(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -33,18 +82,18 @@ def _add_data(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, logs, previews, config.yaml)")
-    p.add_argument("--max-steps", type=int, default=None, help="training length in optimiser steps (default: config)")
-    p.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this much wall time")
+    p.add_argument("--max-steps", type=_positive_int, default=None, help="training length in optimiser steps (default: config)")
+    p.add_argument("--max-minutes", type=_positive_float, default=None, help="stop (with a checkpoint) after this much wall time")
     p.add_argument("--resume", action="store_true", help="continue exactly from the newest checkpoint in --out")
     p.add_argument("--overwrite", action="store_true",
                    help="--out holds another training run: remove its checkpoints, logs and previews, start again")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
+    p.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--seed", type=int, default=None, help="override the config's seed")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="medlsdm", description="3D semantic label maps -> synthetic 3D medical volumes (Med-LSDM).", epilog=EPILOG)
+    parser = _Parser(prog="medlsdm", description="3D semantic label maps -> synthetic 3D medical volumes (Med-LSDM).", epilog=EPILOG)
     from medlsdm import __version__
 
     parser.add_argument("--version", action="version", version=f"medlsdm {__version__}")
@@ -53,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("phantom", help="write a procedural phantom data set (nnU-Net layout)",
                        description="Generate labelled 3D phantoms (6 classes) as NIfTI pairs in the nnU-Net raw layout.")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--n", type=int, default=20, help="number of cases (default: %(default)s)")
+    p.add_argument("--n", type=_positive_int, default=20, help="number of cases (default: %(default)s)")
     p.add_argument("--modality", choices=["ct", "mr"], default="ct")
     p.add_argument("--shape", nargs=3, metavar=("D", "H", "W"), default=["16", "64", "64"], help="volume shape (default: 16 64 64)")
     p.add_argument("--seed", type=int, default=0)
@@ -66,6 +115,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="liver lesion appearance: per subject hypo- or hyperdense at random (the label map does not "
                         "say which), or always one of them (default: %(default)s)")
     p.set_defaults(func=_cmd_phantom)
+
+    p = sub.add_parser("plan", help="a config derived from the data set (modality, classes, spacing, shape)",
+                       description="Read the data set (dataset.json where present, else the images and label values) "
+                                   "and write a config: modality and normalisation, classes and their names, target "
+                                   "spacing and volume shape fitted to the model and a memory budget. Prints why.")
+    _add_data(p)
+    p.add_argument("--base", choices=["tiny", "paper"], default="tiny",
+                   help="preset whose model sizes the plan keeps (default: %(default)s)")
+    p.add_argument("--gpu-memory", type=_positive_float, default=None, metavar="GB",
+                   help="memory to fit the volume shape into (default: the base preset's shape is the budget)")
+    p.add_argument("--out", type=Path, required=True, help="the plan, a config YAML")
+    p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("prepare", help="validate a data set, cache preprocessed samples, print a summary",
                        description="Check every case (readable, 3D, matching geometry, known labels, finite), fill the cache, print cases/shapes/spacings/label histogram.")
@@ -88,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(p)
     p.add_argument("--out", type=Path, required=True, help="latents folder")
     p.add_argument("--split", default="train", choices=["train", "test"])
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", type=_device, default="auto")
     p.set_defaults(func=_cmd_encode)
 
     p = sub.add_parser("train-ldm", help="train the latent semantic diffusion model (stage 2) or a baseline",
@@ -102,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train although --vqgan's weights differ from those the latents were encoded with, or "
                         "(--resume) from those the run was started with")
     _add_data(p)
-    _add_config(p, default=None)
+    _add_config(p, planned="the --vqgan run's config; baselines: the plan of the data")
     _add_train(p)
     p.set_defaults(func=_cmd_train_ldm)
 
@@ -120,14 +181,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, required=True, help="train-ldm run folder (any method) or its export")
     p.add_argument("--labels", type=Path, required=True, help="a label map NIfTI file or a folder of them")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--n-per-label", type=int, default=1)
-    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++"], default=None,
+    p.add_argument("--n-per-label", type=_positive_int, default=1, help="volumes per label map (1..10000)")
+    p.add_argument("--sampler", choices=SAMPLERS, default=None,
                    help="ddpm (all T steps), ddim or dpm++ (DPM-Solver++(2M)); default: the model's config")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (DDIM, DPM++); DDPM uses all T")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = conditional only)")
+    p.add_argument("--steps", type=_positive_int, default=None, help="sampling steps (DDIM, DPM++); DDPM uses all T")
+    p.add_argument("--guidance", type=_finite_float, default=None, help="classifier-free guidance scale (1 = conditional only)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=1, help="volumes (label maps of one shape) per U-Net call")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=_positive_int, default=1, help="volumes (label maps of one shape) per U-Net call")
+    p.add_argument("--device", type=_device, default="auto")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=None,
                    help="U-Net under bf16 autocast (auto: on GPU only); default: the config's ldm.sample_precision")
     p.add_argument("--compile", action="store_true", help="torch.compile the U-Net (pays off for many volumes)")
@@ -139,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window-overlap", type=float, default=None,
                    help="label maps deeper than the training shape: share of a depth window overlapping the next "
                         "(default: the config's ldm.window_overlap, 0.5)")
-    p.add_argument("--window-batch", type=int, default=None, help="depth windows per U-Net call (default 1)")
+    p.add_argument("--window-batch", type=_positive_int, default=None, help="depth windows per U-Net call (default 1)")
     p.set_defaults(func=_cmd_sample)
 
     p = sub.add_parser("evaluate", help="compare synthetic volumes with real ones (the paper's metrics) and write a report",
@@ -154,10 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "auto = domain with --train, else random-medicalnet)")
     p.add_argument("--feature-weights", default=None, help="weights file for the extractor (pytorch-fid Inception, MedicalNet, or a saved segmenter)")
     _add_config(p)
-    p.add_argument("--seg-steps", type=int, default=None, help="segmenter training steps (default: config)")
+    p.add_argument("--seg-steps", type=_positive_int, default=None, help="segmenter training steps (default: config)")
     p.add_argument("--no-lpips", action="store_true", help="skip LPIPS (slow on CPU)")
     p.add_argument("--no-privacy", action="store_true", help="skip the privacy audit")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", type=_device, default="auto")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("segtest", help="the paper's Dice protocol: a 3D U-Net trained on real data, run on real and synthetic",
@@ -169,9 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--synthetic", type=Path, default=None, help="synthetic volumes generated from the test label maps")
     p.add_argument("--weights", type=Path, default=None, help="a saved segmenter to evaluate instead of training one")
     _add_config(p)
-    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--steps", type=_positive_int, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", type=_device, default="auto")
     p.set_defaults(func=_cmd_segtest)
 
     p = sub.add_parser("augment-study", help="does synthetic data help? segmentation Dice with and without it, over seeds",
@@ -180,17 +241,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--real", type=Path, required=True, help="labelled data set (training split sampled, test split evaluated)")
     p.add_argument("--synthetic", type=Path, required=True, help="synthetic volumes generated from training (not test) label maps")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--n-real", type=int, default=4, help="size of the small real subset")
+    p.add_argument("--n-real", type=_positive_int, default=4, help="size of the small real subset")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     _add_config(p)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--steps", type=_positive_int, default=None)
+    p.add_argument("--device", type=_device, default="auto")
     p.set_defaults(func=_cmd_augment)
 
     p = sub.add_parser("demo", help="the whole job on built-in phantom data (tiny config, CPU)",
                        description="Generate phantoms, train the VQ-GAN, encode, train the LDM, sample held-out label maps, write NIfTI volumes and previews.")
     p.add_argument("--out", type=Path, default=Path("medlsdm_demo"))
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", type=_device, default="auto")
     p.add_argument("--fast", action="store_true", help="a few steps only (smoke run, useless outputs)")
     p.set_defaults(func=_cmd_demo)
     return parser
@@ -207,11 +268,51 @@ def _cmd_phantom(a: argparse.Namespace) -> None:
     print(f"wrote {a.n} {a.modality.upper()} phantoms to {out}")
 
 
+def _merge(base: dict, override: dict) -> dict:
+    return {**base, **{k: _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+                       for k, v in override.items()}}
+
+
+def _config_for(a: argparse.Namespace, data: Path, default: Optional[str | Path] = None):
+    """The config a command runs with: ``--config`` (else ``default``, else the plan of ``data``) with the
+    ``--set`` overrides, checked against ``data``'s dataset.json. None on ``--resume`` of a run that has its
+    own config.yaml (the run keeps it)."""
+    from medlsdm.config import config_from_dict, load_config, parse_overrides
+    from medlsdm.data.plan import check_config_against_data, fingerprint, plan_config
+
+    overrides = parse_overrides(a.set) if a.set else {}
+    out = getattr(a, "out", None)
+    if getattr(a, "resume", False) and out is not None and (Path(out) / "config.yaml").is_file():
+        if overrides:
+            raise UserError(f"{Path(out) / 'config.yaml'}: --resume continues with the run's own config; --set "
+                            "cannot change it (edit that file, or start a new run)")
+        return None
+    source = a.config if a.config is not None else default
+    if source is None:
+        cfg, why = plan_config(fingerprint(data, getattr(a, "layout", "auto"), getattr(a, "label_dir", None)))
+        print(f"no --config: planned from {data} ('medlsdm plan' writes this as a file):")
+        print("".join(f"  {line}\n" for line in why), end="")
+        cfg = config_from_dict(_merge(cfg.to_dict(), overrides)) if overrides else cfg
+    else:
+        cfg = load_config(source, overrides or None)
+    check_config_against_data(cfg, data)
+    return cfg
+
+
+def _cmd_plan(a: argparse.Namespace) -> None:
+    from medlsdm.data.plan import fingerprint, plan_config, write_plan
+
+    fp = fingerprint(a.data, a.layout, a.label_dir)
+    cfg, why = plan_config(fp, base=a.base, gpu_memory_gb=a.gpu_memory)
+    print(f"plan for {a.data} ({len(fp.shapes)} training cases, layout {fp.layout}):")
+    print("".join(f"  {line}\n" for line in why), end="")
+    print(f"wrote {write_plan(cfg, why, a.out)}; use it with --config {a.out}")
+
+
 def _cmd_prepare(a: argparse.Namespace) -> None:
-    from medlsdm.config import load_config
     from medlsdm.data.prepare import format_summary, prepare_dataset
 
-    cfg = load_config(a.config)
+    cfg = _config_for(a, a.data)
     summary = prepare_dataset(a.data, cfg.data, layout=a.layout, split=a.split, cache=not a.no_cache,
                               label_dir=a.label_dir)
     print(format_summary(summary))
@@ -220,7 +321,7 @@ def _cmd_prepare(a: argparse.Namespace) -> None:
 def _cmd_train_vqgan(a: argparse.Namespace) -> None:
     from medlsdm.training.run import train_vqgan
 
-    train_vqgan(a.data, a.config, a.out, layout=a.layout, label_dir=a.label_dir, max_steps=a.max_steps,
+    train_vqgan(a.data, _config_for(a, a.data), a.out, layout=a.layout, label_dir=a.label_dir, max_steps=a.max_steps,
                 resume=a.resume, device=a.device, seed=a.seed, progress=not a.no_progress, max_minutes=a.max_minutes,
                 overwrite=a.overwrite)
 
@@ -235,7 +336,8 @@ def _cmd_encode(a: argparse.Namespace) -> None:
 def _cmd_train_ldm(a: argparse.Namespace) -> None:
     from medlsdm.training.run import train_ldm
 
-    train_ldm(a.vqgan, a.data, a.config, a.out, layout=a.layout, label_dir=a.label_dir, max_steps=a.max_steps,
+    default = Path(a.vqgan) / "config.yaml" if a.vqgan is not None and a.method in (None, "lsdm") else None
+    train_ldm(a.vqgan, a.data, _config_for(a, a.data, default), a.out, layout=a.layout, label_dir=a.label_dir, max_steps=a.max_steps,
               resume=a.resume, device=a.device, seed=a.seed, progress=not a.no_progress, max_minutes=a.max_minutes,
               method=a.method, allow_vqgan_mismatch=a.allow_vqgan_mismatch, overwrite=a.overwrite)
 
@@ -276,14 +378,14 @@ def _cmd_evaluate(a: argparse.Namespace) -> None:
     from medlsdm.evaluation.evaluate import evaluate
 
     evaluate(a.real, a.synthetic, a.out, train=a.train, features=a.features, feature_weights=a.feature_weights,
-             cfg=a.config, seg_steps=a.seg_steps, device=a.device, lpips=not a.no_lpips, privacy=not a.no_privacy)
+             cfg=_config_for(a, a.real), seg_steps=a.seg_steps, device=a.device, lpips=not a.no_lpips, privacy=not a.no_privacy)
     print(f"report written to {a.out / 'report.md'}")
 
 
 def _cmd_segtest(a: argparse.Namespace) -> None:
     from medlsdm.evaluation.studies import run_segtest
 
-    run_segtest(a.real, a.out, cfg=a.config, train=a.train, synthetic=a.synthetic, weights=a.weights, steps=a.steps,
+    run_segtest(a.real, a.out, cfg=_config_for(a, a.real), train=a.train, synthetic=a.synthetic, weights=a.weights, steps=a.steps,
                 seed=a.seed, device=a.device)
     print(f"Dice protocol written to {a.out / 'segtest.json'}")
 
@@ -291,7 +393,7 @@ def _cmd_segtest(a: argparse.Namespace) -> None:
 def _cmd_augment(a: argparse.Namespace) -> None:
     from medlsdm.evaluation.studies import run_augment_study
 
-    run_augment_study(a.real, a.synthetic, a.out, cfg=a.config, n_real=a.n_real, seeds=a.seeds, steps=a.steps,
+    run_augment_study(a.real, a.synthetic, a.out, cfg=_config_for(a, a.real), n_real=a.n_real, seeds=a.seeds, steps=a.steps,
                       device=a.device)
     print(f"augmentation study written to {a.out / 'augment.json'}")
 
@@ -304,7 +406,10 @@ def _cmd_demo(a: argparse.Namespace) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version (0) or a one-line argument error (2)
+        return exc.code if isinstance(exc.code, int) else 2
     func: Callable[[argparse.Namespace], None] = args.func
     try:
         func(args)

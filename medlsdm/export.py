@@ -1,7 +1,8 @@
 """A shareable model folder: ``medlsdm export RUN --out MODEL``.
 
-A training run folder holds what was derived from the training images (validation previews of real slices, and
-while training the preprocessing cache). An export holds only what sampling needs::
+A training run folder holds what was derived from the training images (validation previews of real slices, as
+PNGs and in the TensorBoard events, and while training the preprocessing cache). An export holds only what
+sampling needs::
 
     MODEL/config.yaml               the run's config, local paths (cache, perceptual weights) removed
     MODEL/unet_ema.safetensors      the EMA semantic U-Net the pipeline samples with

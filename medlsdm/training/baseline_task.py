@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from medlsdm.config import Config
 from medlsdm.diffusion.baselines import check_method, is_baseline
 from medlsdm.errors import UserError
 from medlsdm.training.distributed import cleanup_distributed, init_distributed
@@ -20,7 +21,7 @@ from medlsdm.training.latents import is_latents_dir
 from medlsdm.training.run_dir import drop_run_cache, image_split, resolve_config, write_run_info
 
 
-def train_baseline(data: Path, config: Optional[str | Path], out: Path, method: Optional[str] = None,
+def train_baseline(data: Path, config: Optional[Config | str | Path], out: Path, method: Optional[str] = None,
                    layout: str = "auto", label_dir: Optional[Path] = None, max_steps: Optional[int] = None,
                    resume: bool = False, device: str = "auto", seed: Optional[int] = None, progress: bool = True,
                    max_minutes: Optional[float] = None) -> Path:

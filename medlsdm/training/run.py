@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from medlsdm.autoencoder.normalize import ChannelStats, LatentNormalizer
-from medlsdm.config import save_config
+from medlsdm.config import Config, save_config
 from medlsdm.data.checks import check_target_shape
 from medlsdm.data.dataset import VolumeDataset
 from medlsdm.errors import UserError
@@ -30,7 +30,7 @@ from medlsdm.training.run_dir import claim_run_dir, drop_run_cache, first_rank, 
 __all__ = ["train_vqgan", "train_ldm", "encode_dataset"]
 
 
-def train_vqgan(data: Path, config: Optional[str | Path], out: Path, layout: str = "auto",
+def train_vqgan(data: Path, config: Optional[Config | str | Path], out: Path, layout: str = "auto",
                 label_dir: Optional[Path] = None, max_steps: Optional[int] = None, resume: bool = False,
                 device: str = "auto", seed: Optional[int] = None, progress: bool = True,
                 max_minutes: Optional[float] = None, overwrite: bool = False) -> Path:
@@ -70,7 +70,7 @@ def _train_vqgan(data, config, out: Path, layout, label_dir, max_steps, resume, 
         cleanup_distributed()
 
 
-def train_ldm(vqgan_dir: Optional[Path], data: Path, config: Optional[str | Path], out: Path, layout: str = "auto",
+def train_ldm(vqgan_dir: Optional[Path], data: Path, config: Optional[Config | str | Path], out: Path, layout: str = "auto",
               label_dir: Optional[Path] = None, max_steps: Optional[int] = None, resume: bool = False,
               device: str = "auto", seed: Optional[int] = None, progress: bool = True,
               max_minutes: Optional[float] = None, method: Optional[str] = None,

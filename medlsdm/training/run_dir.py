@@ -27,10 +27,13 @@ __all__ = ["resolve_config", "claim_run_dir", "write_run_info", "drop_run_cache"
            "RUN_OUTPUTS"]
 
 
-def resolve_config(config: Optional[str | Path], out: Path, resume: bool, seed: Optional[int]) -> Config:
-    """The run's config: on ``resume`` the one saved in ``out``, else ``config`` (a preset name or a YAML file)."""
+def resolve_config(config: Optional[Config | str | Path], out: Path, resume: bool, seed: Optional[int]) -> Config:
+    """The run's config: on ``resume`` the one saved in ``out``, else ``config`` (a Config, a preset name or a YAML
+    file)."""
     if resume and (Path(out) / "config.yaml").is_file():
         cfg = load_config(Path(out) / "config.yaml")  # a resumed run keeps its own config
+    elif isinstance(config, Config):
+        cfg = config
     elif config is None:
         raise UserError("--config is required (a preset name such as tiny / paper, or a YAML file)")
     else:
@@ -40,7 +43,7 @@ def resolve_config(config: Optional[str | Path], out: Path, resume: bool, seed: 
     return cfg
 
 
-RUN_OUTPUTS = ("checkpoints", "best", "previews", "metrics.csv", "ddp_check.json")
+RUN_OUTPUTS = ("checkpoints", "best", "previews", "tensorboard", "metrics.csv", "ddp_check.json")
 
 
 def claim_run_dir(out: Path, resume: bool, overwrite: bool = False) -> None:
