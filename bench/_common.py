@@ -45,7 +45,8 @@ def header(command: str) -> str:
 def write_section(name: str, markdown: str) -> None:
     """Replace (or append) the section between ``<!-- bench:name -->`` markers in BENCHMARKS.md."""
     start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
-    text = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n\nEvery figure here is written by a script in `bench/`; rerun it to refresh its section.\n"
+    text = (BENCHMARKS.read_text() if BENCHMARKS.exists() else
+            "# Benchmarks\n\nEvery figure here is written by a script in `bench/`; rerun it to refresh its section.\n")
     block = f"{start}\n{markdown.rstrip()}\n{end}"
     if start in text:
         text = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)

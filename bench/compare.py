@@ -26,9 +26,10 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from _common import ROOT, WORK, command_line, fmt, header, write_section
+from ldm import per_class_following
+from vqgan import phantoms
+
 from medlsdm.config import load_config
 from medlsdm.data.layouts import find_cases
 from medlsdm.data.transforms import load_case, load_image
@@ -37,8 +38,6 @@ from medlsdm.evaluation.metrics import label_following
 from medlsdm.runs import latest_step
 from medlsdm.training.latents import encode_dataset
 from medlsdm.training.run import train_ldm, train_vqgan
-from ldm import per_class_following
-from vqgan import phantoms
 
 METHODS = ("lsdm", "slice2d", "pixel3d")
 CMP = WORK / "compare"
@@ -120,7 +119,8 @@ def main() -> None:
         rows[method] = info
         (args.work / "compare.json").write_text(json.dumps(rows, indent=2, default=str))
 
-    names = {"lsdm": "Med-LSDM (VQ-GAN + latent SPADE diffusion)", "slice2d": "slice2d (2D slices, SegGuidedDiff-style)",
+    names = {"lsdm": "Med-LSDM (VQ-GAN + latent SPADE diffusion)",
+             "slice2d": "slice2d (2D slices, SegGuidedDiff-style)",
              "pixel3d": "pixel3d (3D image space, Med-DDPM-style)"}
     head = ("| method | training steps | FID axial | FID coronal | FID sagittal | 3D-FID | LPIPS | SSIM | RMSE | "
             "PSNR (dB) | window PSNR / SSIM | grid ratio | inter-slice W1 | Dice on synthetic | class error "
@@ -136,7 +136,8 @@ def main() -> None:
         fid, p, dice = m["fid"]["domain"], m["paired"], m["dice"]["table"]
         real_dice = dice["real test"]["mean"]
         table.append(
-            f"| {names[method]} | {r['steps']} | {fmt(fid['axial'])} | {fmt(fid['coronal'])} | {fmt(fid['sagittal'])} | "
+            f"| {names[method]} | {r['steps']} | {fmt(fid['axial'])} | {fmt(fid['coronal'])} | "
+            f"{fmt(fid['sagittal'])} | "
             f"{fmt(fid.get('3d'))} | {fmt(p.get('lpips', {}).get('mean'))} | {fmt(p['ssim']['mean'], 4)} | "
             f"{fmt(p['rmse']['mean'], 4)} | {fmt(p['psnr']['mean'], 2)} | "
             f"{fmt(m['fidelity']['window_metrics']['window']['psnr'], 2)} / "

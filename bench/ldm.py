@@ -31,20 +31,20 @@ import time
 
 import torch
 import yaml
-
 from _common import WORK, command_line, header, peak_rss_gib, write_section
+from vqgan import phantoms
+
 from medlsdm.config import load_config
-from medlsdm.io import file_sha256
-from medlsdm.runs import latest_step, selected_weights
 from medlsdm.data.layouts import find_cases
 from medlsdm.data.transforms import denormalize, load_case
-from medlsdm.evaluation.fidelity import fidelity, markdown
 from medlsdm.diffusion.windows import DepthWindows
+from medlsdm.evaluation.fidelity import fidelity, markdown
 from medlsdm.evaluation.metrics import inter_slice_consistency, label_following, psnr, seam_ratio, ssim
+from medlsdm.io import file_sha256
 from medlsdm.pipeline import SynthesisPipeline
+from medlsdm.runs import latest_step, selected_weights
 from medlsdm.training.latents import encode_dataset, is_latents_dir
 from medlsdm.training.run import train_ldm
-from vqgan import phantoms
 
 
 def per_class_following(synth, reals, maps, cfg) -> dict:
@@ -112,7 +112,8 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="another ldm config value (YAML), e.g. keep_depth=true; repeatable, named in the section")
     ap.add_argument("--lesions", choices=["mixed", "hypo", "hyper"], default="mixed",
-                    help="phantom lesions (medlsdm phantom --lesions): is a lesion drawn when its label says how it looks?")
+                    help="phantom lesions (medlsdm phantom --lesions): is a lesion drawn when its label says how it "
+                         "looks?")
     ap.add_argument("--quick", action="store_true",
                     help="only the default sampler (guidance 1 and 2.5), plus inter-slice consistency and seams")
     args = ap.parse_args()
@@ -171,7 +172,8 @@ def main() -> None:
         r.pop("volumes")
     result = {"real_mismatched": real_control, "ldm_steps": steps, "ldm_train_seconds": round(train_s, 1),
               "vqgan_train_seconds": vq_info["train_seconds"], "all_cases": rows, "ddpm_subset": rows_sub,
-              "fidelity": {str(g): f for g, f in fid.items()}, "per_class_following": {str(g): p for g, p in pc.items()},
+              "fidelity": {str(g): f for g, f in fid.items()},
+              "per_class_following": {str(g): p for g, p in pc.items()},
               "real_per_class_following": real_pc, "inter_slice": slices, "seams": seams,
               "overrides": {**overrides, **({"lesions": args.lesions} if args.lesions != "mixed" else {})},
               "peak_rss_gib": round(peak_rss_gib(), 2)}

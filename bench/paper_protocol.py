@@ -1,8 +1,9 @@
 """The paper's evaluation protocol on the phantom set (analogues of its Tables 2 and 3), plus the
 augmentation study and the privacy audit.
 
-Uses the LDM trained by ``bench/ldm.py`` with the tiny preset's defaults (``bench/_work/ldm_v-codebook``). Generates one volume per held-out (test) label map for the
-paper's tables and one per training label map for the augmentation study, then runs
+Uses the LDM trained by ``bench/ldm.py`` with the tiny preset's defaults (``bench/_work/ldm_v-codebook``).
+Generates one volume per held-out (test) label map for the paper's tables and one per training label map
+for the augmentation study, then runs
 ``medlsdm.evaluation`` (domain features from the Dice-protocol segmenter, and a randomly initialised
 MedicalNet ResNet-10 named as such: no pretrained FID weights exist on this machine; a random
 InceptionV3 over every slice of three planes takes about an hour on 2 CPU cores, so it is left out).
@@ -16,11 +17,12 @@ import argparse
 import time
 
 from _common import WORK, command_line, fmt, header, peak_rss_gib, write_section
+from vqgan import phantoms
+
 from medlsdm.config import load_config
 from medlsdm.evaluation.evaluate import evaluate
 from medlsdm.evaluation.studies import run_augment_study
 from medlsdm.pipeline import sample_to_folder
-from vqgan import phantoms
 
 
 def main() -> None:
@@ -57,7 +59,8 @@ def main() -> None:
     t2 = ["| data | " + " | ".join(names) + " | mean (foreground) |", "|---" * (len(names) + 2) + "|"]
     for row in ("real train", "real test", "synthetic"):
         d = dice[row]
-        t2.append(f"| {row} ({d['n']}) | " + " | ".join(fmt(d["per_class"].get(n)) for n in names) + f" | **{fmt(d['mean'])}** |")
+        t2.append(f"| {row} ({d['n']}) | " + " | ".join(fmt(d["per_class"].get(n)) for n in names)
+                  + f" | **{fmt(d['mean'])}** |")
     p = m["paired"]
     t3 = ["| extractor | FID axial | FID coronal | FID sagittal | 3D-FID |", "|---|---|---|---|---|"]
     for kind, f in m["fid"].items():
@@ -70,14 +73,18 @@ def main() -> None:
     feat = priv.get("feature", {})
     md = "\n".join([
         "## Paper protocol on phantoms (Tables 2 and 3 analogues), augmentation, privacy", "", header(command_line()),
-        f"Model: `bench/_work/{run.name}` from `bench/ldm.py` (tiny preset, {cfg.ldm.sampler.upper()}-{cfg.ldm.sampling_steps}). "
-        f"{m['inputs']['n_synthetic']} synthetic volumes from the held-out label maps; sampling took {sample_s:.0f} s, "
+        f"Model: `bench/_work/{run.name}` from `bench/ldm.py` "
+        f"(tiny preset, {cfg.ldm.sampler.upper()}-{cfg.ldm.sampling_steps}). "
+        f"{m['inputs']['n_synthetic']} synthetic volumes from the held-out label maps; "
+        f"sampling took {sample_s:.0f} s, "
         f"the whole protocol {total_s / 60:.1f} min; peak RSS {peak_rss_gib():.2f} GiB.", "",
         f"**Table 2 analogue: Dice of a 3D U-Net trained on the real training set** "
-        f"(segmenter sha256 {str(m['dice']['segmenter'].get('sha256'))[:12]}; background excluded from every mean)", "", *t2, "",
+        f"(segmenter sha256 {str(m['dice']['segmenter'].get('sha256'))[:12]}; background excluded from every mean)",
+        "", *t2, "",
         "**Table 3 analogue: synthetic vs real volumes of the same label maps**", "",
         "| LPIPS | SSIM | RMSE (normalised [-1, 1] units) | PSNR (dB) |", "|---|---|---|---|",
-        f"| {fmt(p.get('lpips', {}).get('mean'))} ({p.get('lpips', {}).get('backbone', 'not run')}) | {fmt(p['ssim']['mean'], 4)} | "
+        f"| {fmt(p.get('lpips', {}).get('mean'))} ({p.get('lpips', {}).get('backbone', 'not run')}) | "
+        f"{fmt(p['ssim']['mean'], 4)} | "
         f"{fmt(p['rmse']['mean'], 4)} | {fmt(p['psnr']['mean'], 2)} |", "",
         *t3, "",
         "FIDs from different extractors are not comparable; the randomly initialised MedicalNet is a sanity check, "
@@ -87,13 +94,16 @@ def main() -> None:
         f"{fmt(inter.get('real_mean'))}, synthetic mean {fmt(inter.get('synthetic_mean'))}, 1D Wasserstein "
         f"{fmt(inter.get('wasserstein'))}.", "",
         f"**Augmentation study** ({aug['n_real']} real training volumes, plus {aug['n_synthetic']} synthetic volumes "
-        f"from other training label maps; {aug['steps']} steps per run; seeds {aug['seeds']}; Dice on {aug['n_test']} real test volumes):", "",
+        f"from other training label maps; {aug['steps']} steps per run; seeds {aug['seeds']}; "
+        f"Dice on {aug['n_test']} real test volumes):", "",
         "| training data | mean Dice | std over seeds |", "|---|---|---|",
         f"| real only | {fmt(aug['real_only']['mean'])} | {fmt(aug['real_only']['std'])} |",
-        f"| real + synthetic | {fmt(aug['real_plus_synthetic']['mean'])} | {fmt(aug['real_plus_synthetic']['std'])} |", "",
+        f"| real + synthetic | {fmt(aug['real_plus_synthetic']['mean'])} | "
+        f"{fmt(aug['real_plus_synthetic']['std'])} |", "",
         f"Gain: {aug['gain']:+.3f}.", "",
         f"**Privacy audit** ({priv.get('n_synthetic')} synthetic, {priv.get('n_heldout')} real held-out, "
-        f"{priv.get('n_train')} training volumes): fraction of synthetic volumes closer to a training scan than the 5th "
+        f"{priv.get('n_train')} training volumes): fraction of synthetic volumes closer to a training scan "
+        "than the 5th "
         f"percentile of real-held-out-to-training distances: image space {fmt(img.get('fraction_below'))}, "
         f"feature space {fmt(feat.get('fraction_below'))}; exact copies: {len(priv.get('exact_copies', []))}. "
         f"Median nearest-training distance (image space): synthetic {fmt(img.get('synthetic_median'))}, "

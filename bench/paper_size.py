@@ -28,7 +28,6 @@ from pathlib import Path
 
 import torch
 import yaml
-
 from _common import WORK, command_line, header, run_child, write_section
 
 HERE = Path(__file__).resolve()
@@ -131,7 +130,8 @@ def main() -> None:
 
     extra = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)}
     shape = tuple(args.shape)
-    tag = ("paper_size" if args.preset == "paper" else f"size_{args.preset}") + "".join(f"-{k}={v}" for k, v in extra.items())
+    tag = (("paper_size" if args.preset == "paper" else f"size_{args.preset}")
+           + "".join(f"-{k}={v}" for k, v in extra.items()))
     work = WORK / tag / args.device
     work.mkdir(parents=True, exist_ok=True)
     data = WORK / f"phantoms_{args.cases}_{'x'.join(map(str, shape))}"

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import nibabel as nib
 import torch
-
 from _common import ROOT, WORK, command_line, header, run_child, write_section
+
 from medlsdm.data.phantom import PAPER_SPACING, ROI_CENTRE_MM, phantom_affine
 
 HERE = Path(__file__).resolve()
@@ -168,8 +168,8 @@ def main() -> None:
         ("ldm-ckpt", "ldm", "base: tiny\nldm:\n  use_checkpoint: true\n", {"vqgan": str(WORK / "vqgan_default")}),
     ]:
         src = str(data) if stage == "vqgan" else str(WORK / "latents")
-        r = run_child(HERE, "train", {"work": str(work), "name": name, "stage": stage, "yaml": yaml, "steps": train_steps,
-                                "data": src, **extra})
+        r = run_child(HERE, "train", {"work": str(work), "name": name, "stage": stage, "yaml": yaml,
+                                      "steps": train_steps, "data": src, **extra})
         train_rows.append((name, r))
         shutil.rmtree(work / name, ignore_errors=True)
 
@@ -222,7 +222,8 @@ def main() -> None:
     lines += ["", "**Sampling one 16-slice volume** (label map -> NIfTI-ready volume, VQ-GAN decode included):", "",
               "| sampler | s / volume | x faster than DDPM-1000 |", "|---|---|---|"]
     ddpm = sampler_rows[-1][1]["seconds_per_volume"]
-    lines += [f"| {n} | {r['seconds_per_volume']:.2f} | {ddpm / r['seconds_per_volume']:.0f} |" for n, r in sampler_rows]
+    lines += [f"| {n} | {r['seconds_per_volume']:.2f} | {ddpm / r['seconds_per_volume']:.0f} |"
+              for n, r in sampler_rows]
     lines += ["", f"**Sampling switches** (DDIM-{steps}; each row changes one thing against the reference):", "",
               "| setting | s / volume | vs reference | peak RSS (GiB) |", "|---|---|---|---|"]
     for n, r in switch_rows:
@@ -230,8 +231,10 @@ def main() -> None:
         extra = f" (first call {r['first_call_seconds']:.1f} s)" if "first_call_seconds" in r else ""
         lines.append(f"| {n}{extra} | {r['seconds_per_volume']:.2f} | "
                      f"{ref['seconds_per_volume'] / r['seconds_per_volume']:.2f}x | {r['peak_rss_gib']:.2f} |")
-    lines += ["", f"Ranks: 4 label maps with `medlsdm sample`, 1 process (2 threads) {ranks[1]['wall_seconds']:.1f} s, "
-              f"2 processes under torchrun (1 thread each) {ranks[2]['wall_seconds']:.1f} s (process start-up included; "
+    lines += ["", "Ranks: 4 label maps with `medlsdm sample`, "
+              f"1 process (2 threads) {ranks[1]['wall_seconds']:.1f} s, "
+              f"2 processes under torchrun (1 thread each) {ranks[2]['wall_seconds']:.1f} s "
+              "(process start-up included; "
               f"{ranks[2]['volumes']} volumes written, each once).", "",
               f"**Full-length volumes** (phantom label maps at the training slice spacing, 64 x 64 in-plane, depth "
               f"windows of 16 slices with half overlap, DDIM-{steps}):", "",
@@ -247,11 +250,13 @@ def main() -> None:
     lines += ["", "Seam ratio: mean |x[b] - x[b-1]| across window borders b over the same at matching positions "
               "inside windows (`medlsdm.evaluation.metrics.seam_ratio`; 1 = no seam, target <= 1.1).", "",
               "**Model FLOPs** (forward, batch 1, counted on the meta device):", "",
-              "| preset | latent | U-Net GFLOPs / step | U-Net params (M) | VQ-GAN decode GFLOPs |", "|---|---|---|---|---|"]
+              "| preset | latent | U-Net GFLOPs / step | U-Net params (M) | VQ-GAN decode GFLOPs |",
+              "|---|---|---|---|---|"]
     shapes = {"tiny": "8 x 4 x 16 x 16", "paper": "8 x 8 x 64 x 64"}
     lines += [f"| {p} | {shapes[p]} | {r['unet_gflops']:.2f} | {r['unet_params_m']:.2f} | {r['decode_gflops']:.2f} |"
               for p, r in fl.items()]
-    lines += ["", "On a GPU (paper size, bf16, achieved fraction of peak throughput): not measured, this issue had no GPU."]
+    lines += ["",
+              "On a GPU (paper size, bf16, achieved fraction of peak throughput): not measured, this issue had no GPU."]
     md = "\n".join(lines).replace("{total}", f"{(time.perf_counter() - t_start) / 60:.1f}")
     (work / "speed.json").write_text(json.dumps({"train": train_rows, "samplers": sampler_rows, "switches": switch_rows,
                                                  "ranks": ranks, "depth": depth_rows, "flops": fl}, indent=2))

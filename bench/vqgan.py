@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
 from _common import WORK, command_line, header, peak_rss_gib, write_section
+
 from medlsdm.config import load_config
 from medlsdm.data.dataset import VolumeDataset
 from medlsdm.data.layouts import find_cases

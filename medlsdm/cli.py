@@ -10,12 +10,13 @@ import math
 import re
 import sys
 from pathlib import Path
-from typing import Callable, NoReturn, Optional, Sequence
+from typing import Callable, NoReturn, Sequence
 
 from medlsdm.config import SAMPLERS
 from medlsdm.errors import UserError
 
-EPILOG = "Data folders: nnU-Net raw (dataset.json, imagesTr/, labelsTr/), images/+labels/ pairs, a CSV/JSON manifest, SynthRAD2023 (<patient>/ct.nii.gz) or DICOM series folders. See README.md."
+EPILOG = ("Data folders: nnU-Net raw (dataset.json, imagesTr/, labelsTr/), images/+labels/ pairs, a CSV/JSON "
+          "manifest, SynthRAD2023 (<patient>/ct.nii.gz) or DICOM series folders. See README.md.")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -77,13 +78,16 @@ def _add_data(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--layout", default="auto",
                    choices=["auto", "nnunet", "pairs", "manifest", "synthrad", "dicom", "unlabelled"],
                    help="how the data folder is organised (default: detect)")
-    p.add_argument("--label-dir", type=Path, default=None, help="SynthRAD layout: folder with <patient>.nii.gz label maps")
+    p.add_argument("--label-dir", type=Path, default=None,
+                   help="SynthRAD layout: folder with <patient>.nii.gz label maps")
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, logs, previews, config.yaml)")
-    p.add_argument("--max-steps", type=_positive_int, default=None, help="training length in optimiser steps (default: config)")
-    p.add_argument("--max-minutes", type=_positive_float, default=None, help="stop (with a checkpoint) after this much wall time")
+    p.add_argument("--max-steps", type=_positive_int, default=None,
+                   help="training length in optimiser steps (default: config)")
+    p.add_argument("--max-minutes", type=_positive_float, default=None,
+                   help="stop (with a checkpoint) after this much wall time")
     p.add_argument("--resume", action="store_true", help="continue exactly from the newest checkpoint in --out")
     p.add_argument("--overwrite", action="store_true",
                    help="--out holds another training run: remove its checkpoints, logs and previews, start again")
@@ -93,18 +97,21 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="medlsdm", description="3D semantic label maps -> synthetic 3D medical volumes (Med-LSDM).", epilog=EPILOG)
+    parser = _Parser(prog="medlsdm", description="3D semantic label maps -> synthetic 3D medical volumes (Med-LSDM).",
+                     epilog=EPILOG)
     from medlsdm import __version__
 
     parser.add_argument("--version", action="version", version=f"medlsdm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("phantom", help="write a procedural phantom data set (nnU-Net layout)",
-                       description="Generate labelled 3D phantoms (6 classes) as NIfTI pairs in the nnU-Net raw layout.")
+                       description="Generate labelled 3D phantoms (6 classes) as NIfTI pairs in the nnU-Net raw "
+                                   "layout.")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--n", type=_positive_int, default=20, help="number of cases (default: %(default)s)")
     p.add_argument("--modality", choices=["ct", "mr"], default="ct")
-    p.add_argument("--shape", nargs=3, metavar=("D", "H", "W"), default=["16", "64", "64"], help="volume shape (default: 16 64 64)")
+    p.add_argument("--shape", nargs=3, metavar=("D", "H", "W"), default=["16", "64", "64"],
+                   help="volume shape (default: 16 64 64)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--test-fraction", type=float, default=0.2, help="held-out share written to imagesTs/labelsTs")
     p.add_argument("--scale", choices=["paper", "abdomen"], default="paper",
@@ -129,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("prepare", help="validate a data set, cache preprocessed samples, print a summary",
-                       description="Check every case (readable, 3D, matching geometry, known labels, finite), fill the cache, print cases/shapes/spacings/label histogram.")
+                       description="Check every case (readable, 3D, matching geometry, known labels, finite), fill "
+                                   "the cache, print cases/shapes/spacings/label histogram.")
     _add_data(p)
     _add_config(p)
     p.add_argument("--split", default="train", choices=["train", "test"])
@@ -137,14 +145,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_prepare)
 
     p = sub.add_parser("train-vqgan", help="train the 3D VQ-GAN (stage 1) on images",
-                       description="Train the 3D VQ-GAN autoencoder (labels not needed). Works under torchrun for multi-GPU.")
+                       description="Train the 3D VQ-GAN autoencoder (labels not needed). Works under torchrun for "
+                                   "multi-GPU.")
     _add_data(p)
     _add_config(p)
     _add_train(p)
     p.set_defaults(func=_cmd_train_vqgan)
 
     p = sub.add_parser("encode", help="encode a data set into cached VQ-GAN latents for diffusion training",
-                       description="Run the frozen VQ-GAN encoder once over a data set; stores latents, label maps and the codebook range.")
+                       description="Run the frozen VQ-GAN encoder once over a data set; stores latents, label maps "
+                                   "and the codebook range.")
     p.add_argument("--vqgan", type=Path, required=True, help="VQ-GAN run folder")
     _add_data(p)
     p.add_argument("--out", type=Path, required=True, help="latents folder")
@@ -153,8 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_encode)
 
     p = sub.add_parser("train-ldm", help="train the latent semantic diffusion model (stage 2) or a baseline",
-                       description="Train the SPADE diffusion U-Net on VQ-GAN latents (a latents folder from 'encode', or an image/label data set encoded on the fly); "
-                                   "--method slice2d / pixel3d trains a baseline on image/label pairs instead (no VQ-GAN).")
+                       description="Train the SPADE diffusion U-Net on VQ-GAN latents (a latents folder from "
+                                   "'encode', or an image/label data set encoded on the fly); "
+                                   "--method slice2d / pixel3d trains a baseline on image/label pairs instead "
+                                   "(no VQ-GAN).")
     p.add_argument("--vqgan", type=Path, default=None, help="VQ-GAN run folder (required for method lsdm)")
     p.add_argument("--method", default=None,
                    help="lsdm (Med-LSDM), slice2d (2D slices, SegGuidedDiff-style) or pixel3d (3D image space, "
@@ -185,9 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=SAMPLERS, default=None,
                    help="ddpm (all T steps), ddim or dpm++ (DPM-Solver++(2M)); default: the model's config")
     p.add_argument("--steps", type=_positive_int, default=None, help="sampling steps (DDIM, DPM++); DDPM uses all T")
-    p.add_argument("--guidance", type=_finite_float, default=None, help="classifier-free guidance scale (1 = conditional only)")
+    p.add_argument("--guidance", type=_finite_float, default=None,
+                   help="classifier-free guidance scale (1 = conditional only)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=_positive_int, default=1, help="volumes (label maps of one shape) per U-Net call")
+    p.add_argument("--batch-size", type=_positive_int, default=1,
+                   help="volumes (label maps of one shape) per U-Net call")
     p.add_argument("--device", type=_device, default="auto")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=None,
                    help="U-Net under bf16 autocast (auto: on GPU only); default: the config's ldm.sample_precision")
@@ -203,17 +217,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window-batch", type=_positive_int, default=None, help="depth windows per U-Net call (default 1)")
     p.set_defaults(func=_cmd_sample)
 
-    p = sub.add_parser("evaluate", help="compare synthetic volumes with real ones (the paper's metrics) and write a report",
-                       description="Paired SSIM/PSNR/RMSE/LPIPS, FID per plane and 3D-FID (extractor named with its weights' hash), "
-                                   "inter-slice consistency; with --train also the Dice protocol (Table 2) and a privacy audit. "
+    p = sub.add_parser("evaluate",
+                       help="compare synthetic volumes with real ones (the paper's metrics) and write a report",
+                       description="Paired SSIM/PSNR/RMSE/LPIPS, FID per plane and 3D-FID (extractor named with its "
+                                   "weights' hash), "
+                                   "inter-slice consistency; with --train also the Dice protocol (Table 2) and a "
+                                   "privacy audit. "
                                    "Writes metrics.json and report.md.")
-    p.add_argument("--real", type=Path, required=True, help="real data set whose label maps produced the synthetic volumes (nnU-Net: its test split)")
-    p.add_argument("--synthetic", type=Path, required=True, help="folder of <labelname>_s<k>.nii.gz from 'medlsdm sample'")
+    p.add_argument("--real", type=Path, required=True,
+                   help="real data set whose label maps produced the synthetic volumes (nnU-Net: its test split)")
+    p.add_argument("--synthetic", type=Path, required=True,
+                   help="folder of <labelname>_s<k>.nii.gz from 'medlsdm sample'")
     p.add_argument("--out", type=Path, required=True, help="report folder")
-    p.add_argument("--train", type=Path, default=None, help="real training set: enables Dice protocol, domain features, privacy audit")
-    p.add_argument("--features", default="auto", help="inception, medicalnet, domain, random-inception, random-medicalnet (comma-separated; "
-                   "auto = domain with --train, else random-medicalnet)")
-    p.add_argument("--feature-weights", default=None, help="weights file for the extractor (pytorch-fid Inception, MedicalNet, or a saved segmenter)")
+    p.add_argument("--train", type=Path, default=None,
+                   help="real training set: enables Dice protocol, domain features, privacy audit")
+    p.add_argument("--features", default="auto",
+                   help="inception, medicalnet, domain, random-inception, random-medicalnet (comma-separated; "
+                        "auto = domain with --train, else random-medicalnet)")
+    p.add_argument("--feature-weights", default=None,
+                   help="weights file for the extractor (pytorch-fid Inception, MedicalNet, or a saved segmenter)")
     _add_config(p)
     p.add_argument("--seg-steps", type=_positive_int, default=None, help="segmenter training steps (default: config)")
     p.add_argument("--no-lpips", action="store_true", help="skip LPIPS (slow on CPU)")
@@ -221,8 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", type=_device, default="auto")
     p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("segtest", help="the paper's Dice protocol: a 3D U-Net trained on real data, run on real and synthetic",
-                       description="Train the Appendix B segmentation network on the real training set; Dice per class and mean "
+    p = sub.add_parser("segtest",
+                       help="the paper's Dice protocol: a 3D U-Net trained on real data, run on real and synthetic",
+                       description="Train the Appendix B segmentation network on the real training set; Dice per "
+                                   "class and mean "
                                    "(background excluded) on real train, real test and synthetic volumes.")
     p.add_argument("--real", type=Path, required=True, help="labelled data set (its test split is the real test set)")
     p.add_argument("--out", type=Path, required=True)
@@ -235,11 +259,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", type=_device, default="auto")
     p.set_defaults(func=_cmd_segtest)
 
-    p = sub.add_parser("augment-study", help="does synthetic data help? segmentation Dice with and without it, over seeds",
-                       description="Train the segmenter on a small real subset, and on that subset plus synthetic volumes; "
+    p = sub.add_parser("augment-study",
+                       help="does synthetic data help? segmentation Dice with and without it, over seeds",
+                       description="Train the segmenter on a small real subset, and on that subset plus synthetic "
+                                   "volumes; "
                                    "Dice on the real test set, mean and spread over seeds.")
-    p.add_argument("--real", type=Path, required=True, help="labelled data set (training split sampled, test split evaluated)")
-    p.add_argument("--synthetic", type=Path, required=True, help="synthetic volumes generated from training (not test) label maps")
+    p.add_argument("--real", type=Path, required=True,
+                   help="labelled data set (training split sampled, test split evaluated)")
+    p.add_argument("--synthetic", type=Path, required=True,
+                   help="synthetic volumes generated from training (not test) label maps")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--n-real", type=_positive_int, default=4, help="size of the small real subset")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -249,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_augment)
 
     p = sub.add_parser("demo", help="the whole job on built-in phantom data (tiny config, CPU)",
-                       description="Generate phantoms, train the VQ-GAN, encode, train the LDM, sample held-out label maps, write NIfTI volumes and previews.")
+                       description="Generate phantoms, train the VQ-GAN, encode, train the LDM, sample held-out label "
+                                   "maps, write NIfTI volumes and previews.")
     p.add_argument("--out", type=Path, default=Path("medlsdm_demo"))
     p.add_argument("--device", type=_device, default="auto")
     p.add_argument("--fast", action="store_true", help="a few steps only (smoke run, useless outputs)")
@@ -273,7 +302,7 @@ def _merge(base: dict, override: dict) -> dict:
                        for k, v in override.items()}}
 
 
-def _config_for(a: argparse.Namespace, data: Path, default: Optional[str | Path] = None):
+def _config_for(a: argparse.Namespace, data: Path, default: str | Path | None = None):
     """The config a command runs with: ``--config`` (else ``default``, else the plan of ``data``) with the
     ``--set`` overrides, checked against ``data``'s dataset.json. None on ``--resume`` of a run that has its
     own config.yaml (the run keeps it)."""
@@ -337,9 +366,10 @@ def _cmd_train_ldm(a: argparse.Namespace) -> None:
     from medlsdm.training.run import train_ldm
 
     default = Path(a.vqgan) / "config.yaml" if a.vqgan is not None and a.method in (None, "lsdm") else None
-    train_ldm(a.vqgan, a.data, _config_for(a, a.data, default), a.out, layout=a.layout, label_dir=a.label_dir, max_steps=a.max_steps,
-              resume=a.resume, device=a.device, seed=a.seed, progress=not a.no_progress, max_minutes=a.max_minutes,
-              method=a.method, allow_vqgan_mismatch=a.allow_vqgan_mismatch, overwrite=a.overwrite)
+    train_ldm(a.vqgan, a.data, _config_for(a, a.data, default), a.out, layout=a.layout, label_dir=a.label_dir,
+              max_steps=a.max_steps, resume=a.resume, device=a.device, seed=a.seed, progress=not a.no_progress,
+              max_minutes=a.max_minutes, method=a.method, allow_vqgan_mismatch=a.allow_vqgan_mismatch,
+              overwrite=a.overwrite)
 
 
 def _cmd_sample(a: argparse.Namespace) -> None:
@@ -378,23 +408,24 @@ def _cmd_evaluate(a: argparse.Namespace) -> None:
     from medlsdm.evaluation.evaluate import evaluate
 
     evaluate(a.real, a.synthetic, a.out, train=a.train, features=a.features, feature_weights=a.feature_weights,
-             cfg=_config_for(a, a.real), seg_steps=a.seg_steps, device=a.device, lpips=not a.no_lpips, privacy=not a.no_privacy)
+             cfg=_config_for(a, a.real), seg_steps=a.seg_steps, device=a.device, lpips=not a.no_lpips,
+             privacy=not a.no_privacy)
     print(f"report written to {a.out / 'report.md'}")
 
 
 def _cmd_segtest(a: argparse.Namespace) -> None:
     from medlsdm.evaluation.studies import run_segtest
 
-    run_segtest(a.real, a.out, cfg=_config_for(a, a.real), train=a.train, synthetic=a.synthetic, weights=a.weights, steps=a.steps,
-                seed=a.seed, device=a.device)
+    run_segtest(a.real, a.out, cfg=_config_for(a, a.real), train=a.train, synthetic=a.synthetic, weights=a.weights,
+                steps=a.steps, seed=a.seed, device=a.device)
     print(f"Dice protocol written to {a.out / 'segtest.json'}")
 
 
 def _cmd_augment(a: argparse.Namespace) -> None:
     from medlsdm.evaluation.studies import run_augment_study
 
-    run_augment_study(a.real, a.synthetic, a.out, cfg=_config_for(a, a.real), n_real=a.n_real, seeds=a.seeds, steps=a.steps,
-                      device=a.device)
+    run_augment_study(a.real, a.synthetic, a.out, cfg=_config_for(a, a.real), n_real=a.n_real, seeds=a.seeds,
+                      steps=a.steps, device=a.device)
     print(f"augmentation study written to {a.out / 'augment.json'}")
 
 
@@ -404,7 +435,7 @@ def _cmd_demo(a: argparse.Namespace) -> None:
     run_demo(a.out, device=a.device, fast=a.fast)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -15,15 +15,17 @@ import difflib
 import functools
 import math
 import re
+import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Literal, Sequence
 
 import yaml
 
 from medlsdm.errors import UserError
 
+_UNIONS = (typing.Union, types.UnionType)  # Optional[X] and X | None
 PRESETS_DIR = Path(__file__).parent / "configs"
 PRESETS = ("tiny", "paper")
 
@@ -55,10 +57,10 @@ assert SAMPLERS == typing.get_args(SamplerName)
 _DEFAULT_LABEL_NAMES = ("background", "body", "liver", "kidney", "spine", "lesion")
 # the dotted key of the section being built while a config is loaded ("train_ldm"), so that the checks in
 # __post_init__ name the key a user wrote; a dataclass built directly is named by its usual section
-_SECTION: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("medlsdm_config_section", default=None)
+_SECTION: contextvars.ContextVar[str | None] = contextvars.ContextVar("medlsdm_config_section", default=None)
 
 
-def _closest(value: Any, choices: Sequence[str]) -> Optional[str]:
+def _closest(value: Any, choices: Sequence[str]) -> str | None:
     """The valid choice nearest to ``value`` (case-insensitive, difflib), or None when none is close."""
     if not isinstance(value, str):
         return None
@@ -96,7 +98,7 @@ def _check_choices(obj: Any, section: str) -> None:
     """Every Literal-typed field of ``obj`` holds one of its choices (also for dataclasses built directly)."""
     for name, tp in _hints(type(obj)).items():
         value = getattr(obj, name)
-        if typing.get_origin(tp) is typing.Union:
+        if typing.get_origin(tp) in _UNIONS:
             if value is None:
                 continue
             tp = next(a for a in typing.get_args(tp) if a is not type(None))
@@ -104,7 +106,7 @@ def _check_choices(obj: Any, section: str) -> None:
             raise _choice_error(_key(section, name), value, typing.get_args(tp))
 
 
-def _check_range(obj: Any, section: str, name: str, lo: Optional[float] = None, hi: Optional[float] = None,
+def _check_range(obj: Any, section: str, name: str, lo: float | None = None, hi: float | None = None,
                  lo_open: bool = False, hi_open: bool = False) -> None:
     """``obj.<name>`` (a number, or each number of a tuple / list; None passes) is finite and within the bounds."""
     value = getattr(obj, name)
@@ -139,14 +141,14 @@ class DataConfig:
     ct_display_window: tuple[float, float] = (-160.0, 240.0)
     mr_display_percentiles: tuple[float, float] = (1.0, 99.0)
     orientation: str = "RAS"
-    spacing: Optional[tuple[float, float, float]] = None  # target voxel size (D, H, W) in mm; None keeps it
+    spacing: tuple[float, float, float] | None = None  # target voxel size (D, H, W) in mm; None keeps it
     resize_mode: ResizeMode = "crop_pad"  # "crop_pad" (centre crop / pad) or "resize" (trilinear / nearest)
     num_classes: int = 6  # C, background included
     # original label value -> class index; None means the values already are 0..C-1
-    label_remap: Optional[dict[int, int]] = None
+    label_remap: dict[int, int] | None = None
     # one name per class (num_classes of them); left at this default with another num_classes: class_0, class_1, ...
     label_names: list[str] = field(default_factory=lambda: list(_DEFAULT_LABEL_NAMES))
-    cache_dir: Optional[str] = None  # preprocessed samples are cached here when set
+    cache_dir: str | None = None  # preprocessed samples are cached here when set
     num_workers: int = 0
 
     def __post_init__(self) -> None:
@@ -206,8 +208,8 @@ class VQGANConfig:
     # perceptual backbone: "vgg16" (needs perceptual_weights, torchvision's ImageNet file),
     # "random-vgg16" (randomly initialised, named as such in logs) or "none" (no perceptual term)
     perceptual_backbone: PerceptualBackbone = "none"
-    perceptual_weights: Optional[str] = None
-    perceptual_lpips_weights: Optional[str] = None  # optional LPIPS linear-layer file (lpips' vgg.pth)
+    perceptual_weights: str | None = None
+    perceptual_lpips_weights: str | None = None  # optional LPIPS linear-layer file (lpips' vgg.pth)
     perceptual_slices: int = 4  # slices per volume (along D) compared by the perceptual loss; 0 = all
     disc_channels: int = 64
     disc_layers: int = 3
@@ -324,7 +326,7 @@ class TrainConfig:
     val_fraction: float = 0.1
     # a validation metric (higher is better, e.g. "psnr_window" for the VQ-GAN) whose best weights are kept in
     # RUN/best/ and used for encoding and decoding instead of the latest ones; None = always the latest
-    keep_best: Optional[str] = None
+    keep_best: str | None = None
     # LDM validation preview: DDIM steps of one sampled volume (0 = no preview); at paper size on CPU one
     # preview costs minutes (BENCHMARKS.md, paper_size)
     preview_steps: int = 25
@@ -412,10 +414,10 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if value is None:
-        if origin is typing.Union and type(None) in args:
+        if origin in _UNIONS and type(None) in args:
             return None
         raise UserError(f"config: '{where}' may not be empty")
-    if origin is typing.Union:
+    if origin in _UNIONS:
         inner = [a for a in args if a is not type(None)][0]
         return _coerce(inner, value, where)
     if origin is Literal:
@@ -531,7 +533,7 @@ def _check_loaded(cfg: Config) -> None:
                         f"the {ldm.sampler} sampler, got {ldm.sampling_steps}")
 
 
-def load_config(name_or_path: str | Path, overrides: Optional[dict[str, Any]] = None) -> Config:
+def load_config(name_or_path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
     """Load a preset by name (``tiny``/``paper``) or a YAML file; ``overrides`` is a nested dict (see
     :func:`parse_overrides`), merged into the file and validated with it."""
     key = str(name_or_path)

@@ -90,17 +90,19 @@ def _anatomy(data: Path, samples: Path, cfg: Config) -> list[str]:
     montage_figure(samples / "real_vs_synthetic.png", real, synth, partner, cfg)
     return ["## Synthetic vs real, where the anatomy is", "",
             f"{len(synth)} synthetic volumes vs the real volumes of the same held-out label maps; "
-            f"`{(samples / 'real_vs_synthetic.png').name}` shows four of them side by side. The phantoms' liver lesions are "
+            f"`{(samples / 'real_vs_synthetic.png').name}` shows four of them side by side. "
+            "The phantoms' liver lesions are "
             f"all {DEMO_LESIONS}dense here: where a label class covers two appearances (the phantom default, "
-            "`--lesions mixed`), the model draws their average and the lesion disappears (README).", "", *markdown(fid), ""]
+            "`--lesions mixed`), the model draws their average and the lesion disappears (README).", "",
+            *markdown(fid), ""]
 
 
 def _summary(out: Path, data: Path, samples: Path, timings: dict[str, float], plan: dict, cfg: Config) -> Path:
     rows = []
     for vol in sorted(samples.glob("*.nii.gz")):
         label = data / "labelsTs" / (vol.name.rsplit("_s", 1)[0] + ".nii.gz")
-        v, l = nib.load(str(vol)), nib.load(str(label))
-        same = v.shape == l.shape and np.allclose(v.affine, l.affine, atol=1e-4)
+        v, lab = nib.load(str(vol)), nib.load(str(label))
+        same = v.shape == lab.shape and np.allclose(v.affine, lab.affine, atol=1e-4)
         rows.append(f"| {vol.name} | {label.name} | {v.shape} | {'yes' if same else 'NO'} |")
     vq_metrics = _last_val(out / "vqgan" / "metrics.csv")
     best_file = out / "vqgan" / "best" / "best.json"
@@ -114,7 +116,8 @@ def _summary(out: Path, data: Path, samples: Path, timings: dict[str, float], pl
         "| stage | seconds |", "|---|---|", *[f"| {k} | {v} |" for k, v in timings.items()], "",
         f"VQ-GAN validation (last): {json.dumps(vq_metrics)}; {used}; discriminators "
         + (f"from step {plan['disc_start']}" if plan["disc_start"] <= plan["vqgan_steps"] else
-           f"off (they would start after the {plan['vqgan_steps']} steps: too few for the GAN phase to help)") + ".", "",
+           f"off (they would start after the {plan['vqgan_steps']} steps: too few for the GAN phase to help)")
+        + ".", "",
         "| synthetic volume | from label map | shape | same geometry as label map |", "|---|---|---|---|", *rows, "",
         *_anatomy(data, samples, cfg),
         f"Outputs: VQ-GAN run `{out / 'vqgan'}`, latents `{out / 'latents'}`, LDM run `{out / 'ldm'}`,",

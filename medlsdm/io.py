@@ -87,7 +87,8 @@ def load_checked(module: torch.nn.Module, state: dict[str, torch.Tensor], path: 
         raise UserError(f"{path}: does not fit the {what}: " + "; ".join(detail))
     broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if broken:  # a diverged run's weights would sample garbage without a word
-        raise UserError(f"{path}: {len(broken)} tensors hold NaN or inf values (e.g. {broken[0]}): the weights are broken")
+        raise UserError(f"{path}: {len(broken)} tensors hold NaN or inf values (e.g. {broken[0]}): "
+                        "the weights are broken")
     module.load_state_dict(state, strict=True)
 
 

@@ -21,7 +21,6 @@ import math
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import nn
@@ -49,7 +48,7 @@ class GeneratedVolume:
 
     array: torch.Tensor
     label: torch.Tensor  # (D, H, W) class indices, model space
-    geometry: Optional[LabelGeometry]
+    geometry: LabelGeometry | None
     cfg: Config
 
     def save(self, path: Path) -> Path:
@@ -67,7 +66,7 @@ class SynthesisPipeline:
     ``diffusion`` must clip where ``normalizer`` says the codebook ends (build it with
     ``build_diffusion(cfg, normalizer)``), so predicted clean latents stay within the codebook's range."""
 
-    def __init__(self, vqgan: Optional[nn.Module], diffusion: LatentDiffusion, normalizer: Optional[LatentNormalizer],
+    def __init__(self, vqgan: nn.Module | None, diffusion: LatentDiffusion, normalizer: LatentNormalizer | None,
                  cfg: Config) -> None:
         if normalizer is not None and diffusion.clip_value != normalizer.clip:
             raise ValueError(f"the diffusion model clips at {diffusion.clip_value} but the latents' range is "
@@ -92,8 +91,8 @@ class SynthesisPipeline:
         vqgan, _ = load_vqgan(run_dir / "vqgan", dev)
         return cls(vqgan, diffusion, normalizer, cfg)
 
-    def sampling_options(self, sampler: Optional[str | Sampler] = None, steps: Optional[int] = None,
-                         guidance: Optional[float] = None, eta: float = 0.0) -> SamplingOptions:
+    def sampling_options(self, sampler: str | Sampler | None = None, steps: int | None = None,
+                         guidance: float | None = None, eta: float = 0.0) -> SamplingOptions:
         """The :class:`SamplingOptions` of this pipeline: the config's ``ldm`` section (sampler, steps, guidance,
         efficiency switches) and the depth windows of the training shape, with the given overrides (None: the
         config's). ``sampler``: a registered name or a :class:`Sampler` object (which brings its own steps)."""
@@ -111,9 +110,9 @@ class SynthesisPipeline:
         return SamplingOptions.from_config(ldm, **overrides)
 
     @torch.no_grad()
-    def generate(self, labels: torch.Tensor, sampler: Optional[str | Sampler] = None, steps: Optional[int] = None,
-                 guidance: Optional[float] = None, eta: float = 0.0,
-                 generator: Optional[torch.Generator | list[torch.Generator]] = None,
+    def generate(self, labels: torch.Tensor, sampler: str | Sampler | None = None, steps: int | None = None,
+                 guidance: float | None = None, eta: float = 0.0,
+                 generator: torch.Generator | list[torch.Generator] | None = None,
                  progress: bool = False) -> torch.Tensor:
         """Class-index label maps (B, 1, D, H, W) -> volumes (B, 1, D, H, W) in [-1, 1], all B through each
         U-Net call. ``sampler``: a registered name (default ``ldm.sampler``, ``steps`` default
@@ -143,7 +142,7 @@ class SynthesisPipeline:
         return int(round(self.window * self.cfg.ldm.window_overlap))
 
     @property
-    def keep_larger(self) -> Optional[tuple[int, int, int]]:
+    def keep_larger(self) -> tuple[int, int, int] | None:
         """How label maps larger than ``data.shape`` are kept whole (see ``load_label_map``); None: cropped."""
         return tuple(self.cfg.vqgan.downsample) if self.vqgan is not None else None
 
@@ -171,7 +170,9 @@ class SynthesisPipeline:
         windows = DepthWindows(z.shape[2], self.window, self.overlap)
         return windows.blend(lambda s, e: decode(z[:, :, s:e]), scale=self.cfg.vqgan.downsample[0]).clamp(-1, 1)
 
-    def __call__(self, label_map: Path | str | torch.Tensor, n: int = 1, seed: int = 0, **kwargs) -> list[GeneratedVolume]:
+    def __call__(
+        self, label_map: Path | str | torch.Tensor, n: int = 1, seed: int = 0, **kwargs
+    ) -> list[GeneratedVolume]:
         """``n`` volumes for one label map (a file, or a (D, H, W) class-index tensor in model space)."""
         if isinstance(label_map, torch.Tensor):
             label, geometry = label_map.long().reshape(1, *label_map.shape[-3:]), None
@@ -185,7 +186,7 @@ class SynthesisPipeline:
         return out
 
 
-def build_diffusion(cfg: Config, normalizer: Optional[LatentNormalizer] = None) -> LatentDiffusion:
+def build_diffusion(cfg: Config, normalizer: LatentNormalizer | None = None) -> LatentDiffusion:
     """The LatentDiffusion of a config (latent channels and down-sampling come from the VQ-GAN section,
     the clip range from the latents' ``normalizer``: 1.0 without one), or the baseline model that
     ``cfg.ldm.method`` names (image data in [-1, 1], no normalizer)."""
@@ -250,11 +251,11 @@ MAX_PER_LABEL = 10_000  # volumes per label map in one call: a typo'd count stop
 MAX_BATCH = 256
 
 
-def sample_to_folder(model: Path, labels: Path, out: Path, n_per_label: int = 1, sampler: Optional[str] = None,
-                     steps: Optional[int] = None, guidance: Optional[float] = None, seed: int = 0,
+def sample_to_folder(model: Path, labels: Path, out: Path, n_per_label: int = 1, sampler: str | None = None,
+                     steps: int | None = None, guidance: float | None = None, seed: int = 0,
                      batch_size: int = 1, device: str = "auto", progress: bool = True,
                      rank: int = 0, world_size: int = 1, preview: bool = True,
-                     options: Optional[dict] = None, overwrite: bool = False) -> list[Path]:
+                     options: dict | None = None, overwrite: bool = False) -> list[Path]:
     """Generate ``n_per_label`` volumes per label map into ``out`` (``<label>_s<k>.nii.gz`` + ``.png``).
 
     Resumable: volumes already present are skipped. Every volume depends only on (seed, label file name,
@@ -281,9 +282,9 @@ def sample_to_folder(model: Path, labels: Path, out: Path, n_per_label: int = 1,
                             progress, rank, world_size, preview, options, overwrite)
 
 
-def _sample_into(model: Path, labels: Path, out: Path, n_per_label: int, sampler: Optional[str],
-                 steps: Optional[int], guidance: Optional[float], seed: int, batch_size: int, device: str,
-                 progress: bool, rank: int, world_size: int, preview: bool, options: Optional[dict],
+def _sample_into(model: Path, labels: Path, out: Path, n_per_label: int, sampler: str | None,
+                 steps: int | None, guidance: float | None, seed: int, batch_size: int, device: str,
+                 progress: bool, rank: int, world_size: int, preview: bool, options: dict | None,
                  overwrite: bool) -> list[Path]:
     from medlsdm.data.display import display_window
     from medlsdm.viz import save_preview

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -29,7 +28,7 @@ def run_config(run_dir: Path) -> Config:
     return load_config(path)
 
 
-def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+def latest_checkpoint(run_dir: Path) -> Path | None:
     """``RUN_DIR/checkpoints/step_NNNNNNN`` named by ``checkpoints/latest``, or None before the first one."""
     pointer = Path(run_dir) / "checkpoints" / "latest"
     if not pointer.is_file():
@@ -38,7 +37,7 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
     return path if path.is_dir() else None
 
 
-def latest_step(run_dir: Path) -> Optional[int]:
+def latest_step(run_dir: Path) -> int | None:
     """The optimiser step of the newest finished checkpoint, or None."""
     ckpt = latest_checkpoint(run_dir)
     return None if ckpt is None else int(ckpt.name.split("_")[1])

@@ -9,7 +9,7 @@ no screen, no global backend change) and are written atomically.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -46,7 +46,7 @@ def _square_pixels(img: np.ndarray, row_mm: float, col_mm: float, nearest: bool)
 
 
 def three_plane(
-    volume, spacing: Optional[Sequence[float]] = None, nearest: bool = False
+    volume, spacing: Sequence[float] | None = None, nearest: bool = False
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Central slices: axial (H, W), coronal (D, W), sagittal (D, H).
 
@@ -70,7 +70,7 @@ def _save(fig: Figure, path: str | Path) -> Path:
     return path
 
 
-def _window(v: np.ndarray, vmin: Optional[float], vmax: Optional[float]) -> tuple[float, float]:
+def _window(v: np.ndarray, vmin: float | None, vmax: float | None) -> tuple[float, float]:
     """The grey window: given values, or the 1st / 99th percentile where one is None."""
     lo, hi = np.percentile(v, [1, 99]) if vmin is None or vmax is None else (vmin, vmax)
     return float(lo if vmin is None else vmin), float(hi if vmax is None else vmax)
@@ -79,7 +79,7 @@ def _window(v: np.ndarray, vmin: Optional[float], vmax: Optional[float]) -> tupl
 Panel = list[tuple[np.ndarray, dict]]  # image layers of one panel, each with its imshow keyword arguments
 
 
-def _grid(rows: list[tuple[str, list[Panel]]], col_titles: Sequence[str], title: Optional[str]) -> Figure:
+def _grid(rows: list[tuple[str, list[Panel]]], col_titles: Sequence[str], title: str | None) -> Figure:
     """A figure with one row per entry; each panel is a list of (image, imshow kwargs) layers."""
     n_rows, n_cols = len(rows), len(col_titles)
     fig = Figure(figsize=(2.0 * n_cols, 2.0 * n_rows + (0.3 if title else 0)), dpi=100)
@@ -109,10 +109,10 @@ def save_preview(
     path: str | Path,
     volumes: dict,
     labels=None,
-    spacing: Optional[Sequence[float]] = None,
-    title: Optional[str] = None,
-    vmin: Optional[float] = -1.0,
-    vmax: Optional[float] = 1.0,
+    spacing: Sequence[float] | None = None,
+    title: str | None = None,
+    vmin: float | None = -1.0,
+    vmax: float | None = 1.0,
     alpha: float = 0.45,
 ) -> Path:
     """Save a PNG: one row per named (D, H, W) volume, columns axial / coronal / sagittal.
@@ -146,10 +146,10 @@ def save_preview(
 def montage(
     path: str | Path,
     pairs: Sequence[tuple[str, object, object]],
-    spacing: Optional[Sequence[float]] = None,
-    title: Optional[str] = None,
-    vmin: Optional[float] = -1.0,
-    vmax: Optional[float] = 1.0,
+    spacing: Sequence[float] | None = None,
+    title: str | None = None,
+    vmin: float | None = -1.0,
+    vmax: float | None = 1.0,
 ) -> Path:
     """Save a PNG with one row per ``(name, real, synthetic)``: real and synthetic three-plane views side by side."""
     if not pairs:

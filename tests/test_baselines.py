@@ -49,7 +49,8 @@ def concat_unet(**kw) -> SemanticUNet:
 def test_concat_conditioning_uses_the_label_map_and_zero_is_the_null_condition() -> None:
     unet = concat_unet()
     assert unet.semantic is None and unet.input_conv.in_channels == 1 + 6
-    assert not any(isinstance(m, SPADE) for m in unet.modules()) and any(isinstance(m, PlainNorm) for m in unet.modules())
+    assert (not any(isinstance(m, SPADE) for m in unet.modules())
+            and any(isinstance(m, PlainNorm) for m in unet.modules()))
     g = torch.Generator().manual_seed(0)
     x, t = torch.randn(2, 1, 4, 16, 16, generator=g), torch.tensor([5, 30])
     a, b = (onehot(torch.randint(0, 6, (2, 4, 16, 16), generator=g)) for _ in range(2))

@@ -185,7 +185,8 @@ def test_cache_is_written_once_and_read_back(tmp_path, monkeypatch):
 
     monkeypatch.setattr(dataset_module, "load_case", fail)
     second = ds[0]
-    assert second["id"] == "a" and torch.equal(second["image"], first["image"]) and torch.equal(second["label"], first["label"])
+    assert (second["id"] == "a" and torch.equal(second["image"], first["image"])
+            and torch.equal(second["label"], first["label"]))
     assert set(VolumeDataset(ds.cases, cfg, with_labels=False, cache_dir=tmp_path / "cache")[0]) == {"id", "image"}
     os.utime(img, ns=(1, 1))  # a changed source (mtime) misses the cache
     with pytest.raises(AssertionError, match="read again"):

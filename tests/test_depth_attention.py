@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_diffusion_unet import DOWN, random_labels, randomise_, small_cfg
 
 from medlsdm.config import LDMConfig, load_config
-from medlsdm.errors import UserError
 from medlsdm.diffusion import SemanticUNet
 from medlsdm.diffusion.blocks import CrossSliceAttention, RelativeDepthBias, level_shapes
 from medlsdm.diffusion.unet import cached_condition
-from test_diffusion_unet import DOWN, random_labels, randomise_, small_cfg
+from medlsdm.errors import UserError
 
 
 def test_keep_depth_halves_in_plane_only():

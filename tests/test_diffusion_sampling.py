@@ -210,8 +210,10 @@ def test_training_steps_reduce_loss_on_a_fixed_batch(objective, loss):
 def test_sample_shape_range_and_reproducibility():
     model = tiny_model(num_timesteps=10)
     lab = labels()
-    a = model.sample(lab, "ddim", steps=4, guidance_scale=1.5, generator=torch.Generator().manual_seed(0), progress=False)
-    b = model.sample(lab, "ddim", steps=4, guidance_scale=1.5, generator=torch.Generator().manual_seed(0), progress=False)
+    a = model.sample(lab, "ddim", steps=4, guidance_scale=1.5, generator=torch.Generator().manual_seed(0),
+                     progress=False)
+    b = model.sample(lab, "ddim", steps=4, guidance_scale=1.5, generator=torch.Generator().manual_seed(0),
+                     progress=False)
     c = model.sample(lab, "ddpm", generator=torch.Generator().manual_seed(1), progress=False)
     assert a.shape == (2, 8, *LATENT) and c.shape == a.shape
     assert torch.equal(a, b)

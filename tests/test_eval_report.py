@@ -130,7 +130,8 @@ def test_mismatched_inputs_are_one_line_user_errors(data, cfg, tmp_path):
     missing = tmp_path / "missing"  # one real case has no synthetic partner: counts differ
     shutil.copytree(full, missing)
     (missing / "phantom_007_s0.nii.gz").unlink()
-    with pytest.raises(UserError, match=r"imagesTs/phantom_007_0000\.nii\.gz: real case 'phantom_007' has no synthetic"):
+    with pytest.raises(UserError,
+                       match=r"imagesTs/phantom_007_0000\.nii\.gz: real case 'phantom_007' has no synthetic"):
         evaluate(data, missing, tmp_path / "o1", cfg=cfg, lpips=False, progress=False)
 
     stray = tmp_path / "stray"  # a synthetic volume without a real partner

@@ -6,13 +6,13 @@ import shutil
 
 import pytest
 import torch
+from test_diffusion_sampling import LATENT, fixed_model_fn, labels, tiny_model
 
 from medlsdm.diffusion import DDIMSampler, NoiseSchedule, make_sampler
 from medlsdm.diffusion.samplers import DPMSolverPPSampler
 from medlsdm.diffusion.unet import cached_condition
 from medlsdm.diffusion.windows import DepthWindows, windowed_model_fn
 from medlsdm.evaluation.metrics import seam_ratio
-from test_diffusion_sampling import LATENT, fixed_model_fn, labels, tiny_model
 
 
 # ---- depth windows -------------------------------------------------------------------------------

@@ -18,11 +18,11 @@ from medlsdm.data.phantom import (
     PHANTOM_LABELS,
     ROI_CENTRE_MM,
     SPINE,
+    _single_thread,
     generate_phantom,
     phantom_spacing,
     write_phantom_dataset,
 )
-from medlsdm.data.phantom import _single_thread
 from medlsdm.data.phantom_anatomy import Anatomy
 from medlsdm.errors import UserError
 

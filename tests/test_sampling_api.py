@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_diffusion_sampling import LATENT, labels, tiny_model
 
 import medlsdm
 from medlsdm import config
@@ -34,7 +35,6 @@ from medlsdm.diffusion import (
 )
 from medlsdm.errors import UserError
 from medlsdm.pipeline import SynthesisPipeline, build_diffusion
-from test_diffusion_sampling import LATENT, labels, tiny_model
 
 PACKAGE = Path(medlsdm.__file__).parent
 SMALL = dict(model_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,), num_heads=2,
@@ -101,7 +101,9 @@ def test_there_is_exactly_one_default_sampler_and_step_count():
 def _literal_defaults(tree: ast.AST) -> list[tuple[str, object]]:
     """(name, value) of every function parameter or class field in ``tree`` named like a sampler choice
     (``*sampler*``, ``steps``, ``sampling_steps``) whose default is a literal."""
-    wanted = lambda name: "sampler" in name or name in ("steps", "sampling_steps")
+    def wanted(name: str) -> bool:
+        return "sampler" in name or name in ("steps", "sampling_steps")
+
     found = []
     for node in ast.walk(tree):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -150,7 +152,8 @@ def test_a_sampler_object_gives_the_same_latents_as_its_name(name, steps):
 
 
 def test_pipeline_takes_a_sampler_object_like_a_name():
-    """diffusers-style: ``pipe(label, sampler=DDIMSampler(schedule, steps=3))`` == ``pipe(label, sampler="ddim", steps=3)``."""
+    """diffusers-style: ``pipe(label, sampler=DDIMSampler(schedule, steps=3))`` ==
+    ``pipe(label, sampler="ddim", steps=3)``."""
     torch.manual_seed(0)
     cfg = load_config("tiny", {"ldm": {**SMALL, "method": "pixel3d", "objective": "eps", "guidance_scale": 1.5},
                                "data": {"shape": [4, 8, 8]}})

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import shutil
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -393,7 +393,9 @@ def test_a_new_run_or_encode_never_mixes_with_an_old_one(tmp_path: Path, runs: d
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
 
 
-def test_batching_changes_a_volume_only_by_float_rounding(tmp_path: Path, runs: dict[str, Path], phantoms: Path) -> None:
+def test_batching_changes_a_volume_only_by_float_rounding(
+    tmp_path: Path, runs: dict[str, Path], phantoms: Path
+) -> None:
     """--batch-size 3 vs 1: each volume keeps its own noise; batched kernels round differently, so the README
     promises equality to float rounding (measured 0.025 HU at most), not bit-identity. A batch sharing or
     swapping noise between volumes would differ by tens of HU."""

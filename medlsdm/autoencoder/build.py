@@ -5,7 +5,7 @@ of :class:`VQGAN`, :func:`perceptual_network` and :class:`VQGANLoss` (the discri
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 from torch import nn
@@ -35,7 +35,7 @@ def build_vqgan(cfg: VQGANConfig, in_channels: int = 1) -> VQGAN:
     )
 
 
-def build_perceptual(cfg: VQGANConfig) -> tuple[Optional[PerceptualLoss], str]:
+def build_perceptual(cfg: VQGANConfig) -> tuple[PerceptualLoss | None, str]:
     """The perceptual network of the VQ-GAN loss (``vqgan.perceptual_*``), or None when the backbone is "none"
     or ``perceptual_weight`` is 0, and its one-line description."""
     if cfg.perceptual_weight == 0:
@@ -44,8 +44,8 @@ def build_perceptual(cfg: VQGANConfig) -> tuple[Optional[PerceptualLoss], str]:
                               n_slices=cfg.perceptual_slices)
 
 
-def build_vqgan_loss(cfg: VQGANConfig, perceptual: Optional[nn.Module] = None,
-                     window: Optional[Callable[[torch.Tensor], tuple[float, float]]] = None) -> VQGANLoss:
+def build_vqgan_loss(cfg: VQGANConfig, perceptual: nn.Module | None = None,
+                     window: Callable[[torch.Tensor], tuple[float, float]] | None = None) -> VQGANLoss:
     """The stage-1 objective of ``cfg``; ``perceptual`` from :func:`build_perceptual`, ``window(x) -> (lo, hi)``
     the display window (needed when ``window_l1_weight`` > 0)."""
     return VQGANLoss(

@@ -10,8 +10,6 @@ where ``features`` are the intermediate activations, for feature matching.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from monai.networks.nets import PatchDiscriminator
 
@@ -49,7 +47,7 @@ class PatchDiscriminator3D(_PatchGAN):
 
 
 def sample_slices(
-    real: torch.Tensor, fake: torch.Tensor, generator: Optional[torch.Generator] = None
+    real: torch.Tensor, fake: torch.Tensor, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One random slice along D per volume, the same index for ``real`` and ``fake``.
 

@@ -16,7 +16,7 @@ Gradients of the generator loss also reach the discriminators' parameters; the t
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -53,8 +53,8 @@ class VQGANLoss(nn.Module):
 
     def __init__(
         self,
-        perceptual: Optional[nn.Module] = None,
-        window: Optional[Callable[[torch.Tensor], tuple[float, float]]] = None,
+        perceptual: nn.Module | None = None,
+        window: Callable[[torch.Tensor], tuple[float, float]] | None = None,
         *,
         l1_weight: float = 4.0,
         window_l1_weight: float = 0.0,
@@ -115,7 +115,7 @@ class VQGANLoss(nn.Module):
         gan_loss: torch.Tensor,
         last_layer: torch.Tensor,
         delta: float = 1e-4,
-        max_weight: Optional[float] = None,
+        max_weight: float | None = None,
     ) -> torch.Tensor:
         """Eq. 7: ||grad rec_loss|| / (||grad gan_loss|| + delta) at ``last_layer``, clamped to [0, max], detached.
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -33,8 +32,8 @@ class LatentNormalizer:
     zmin: float  # codebook range
     zmax: float
     kind: str = "codebook"
-    mean: Optional[list[float]] = field(default=None)  # per channel (standardize)
-    std: Optional[list[float]] = field(default=None)
+    mean: list[float] | None = field(default=None)  # per channel (standardize)
+    std: list[float] | None = field(default=None)
 
     def __post_init__(self) -> None:
         if not self.zmax > self.zmin:
@@ -75,7 +74,7 @@ class LatentNormalizer:
         atomic_write_text(Path(path), json.dumps({**extra, **data}, indent=2))
 
     @classmethod
-    def load(cls, path: Path, kind: Optional[str] = None) -> "LatentNormalizer":
+    def load(cls, path: Path, kind: str | None = None) -> "LatentNormalizer":
         """Read statistics; ``kind`` overrides the stored kind (a latents folder stores both statistics)."""
         path = Path(path)
         try:

@@ -16,7 +16,6 @@ metric of the evaluation stage. Backbones (``backbone``; ``vqgan.perceptual_back
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -155,10 +154,10 @@ NO_PERCEPTUAL = "none (no perceptual term)"  # the description when there is no 
 
 def perceptual_network(
     backbone: str = "random-vgg16",
-    weights: Optional[Union[str, Path]] = None,
-    lpips_weights: Optional[Union[str, Path]] = None,
+    weights: str | Path | None = None,
+    lpips_weights: str | Path | None = None,
     n_slices: int = 4,
-) -> tuple[Optional[PerceptualLoss], str]:
+) -> tuple[PerceptualLoss | None, str]:
     """The frozen perceptual network named by ``backbone`` ("vgg16", "random-vgg16" or "none" -> None) and a
     one-line description naming it, its weights files and whether it is pretrained.
 

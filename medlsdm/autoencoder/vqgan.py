@@ -5,7 +5,8 @@ per factor of two (a strided 4x4x4 conv followed by residual blocks, channels do
 then 1x1x1 convs into and out of the E-dimensional code space; the decoder mirrors it with transposed
 convs (or, with ``vqgan.upsample: nearest_conv``, nearest-neighbour doubling + 3x3x3 convs) and one more
 residual block per level (optionally a final tanh, ``vqgan.decoder_tanh``). An axis whose factor is already
-reached is not strided at the remaining levels (kernel 3, stride 1 on that axis), so per-axis factors such as (1, 4, 4) work.
+reached is not strided at the remaining levels (kernel 3, stride 1 on that axis), so per-axis factors such as
+(1, 4, 4) work.
 
 With the ``paper`` preset (channels 16, downsample (4, 4, 4), E 8) the encoder has 441,568 parameters and
 the decoder 948,417 (paper Appendix A: 441.5K and 948.6K); these counts exclude the 1x1x1 ``pre_quant``

@@ -12,7 +12,7 @@ import hashlib
 import json
 import random
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 from torch.utils.data import Dataset
 
@@ -30,7 +30,7 @@ PREPROCESSING_FIELDS = (
 )  # fmt: skip
 
 
-def _source_stamp(path: Optional[Path]) -> Optional[list]:
+def _source_stamp(path: Path | None) -> list | None:
     """(absolute path, mtime_ns, size) of a file, or of every file in a DICOM folder."""
     if path is None:
         return None
@@ -67,7 +67,7 @@ class VolumeDataset(Dataset):
         cfg: DataConfig,
         with_images: bool = True,
         with_labels: bool = True,
-        cache_dir: Optional[str | Path] = None,
+        cache_dir: str | Path | None = None,
     ) -> None:
         if not (with_images or with_labels):
             raise ValueError("VolumeDataset needs with_images or with_labels")
@@ -86,7 +86,7 @@ class VolumeDataset(Dataset):
     def __len__(self) -> int:
         return len(self.cases)
 
-    def cache_path(self, case: Case) -> Optional[Path]:
+    def cache_path(self, case: Case) -> Path | None:
         if self.cache_dir is None:
             return None
         return self.cache_dir / f"{cache_key(case, self.cfg)}.safetensors"
@@ -102,7 +102,7 @@ class VolumeDataset(Dataset):
             save_weights(tensors, path, metadata={"medlsdm_cache": str(CACHE_VERSION)})
         return sample
 
-    def _read_cache(self, case: Case) -> Optional[dict]:
+    def _read_cache(self, case: Case) -> dict | None:
         path = self.cache_path(case)
         if path is None or not path.is_file():
             return None
@@ -113,7 +113,6 @@ class VolumeDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         case = self.cases[index]
-        path = self.cache_path(case)
         sample = self._read_cache(case)
         if sample is None:
             sample = self.load(index)

@@ -13,15 +13,13 @@ model inputs and outputs; :func:`medlsdm.data.transforms.denormalize` gives nati
 
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 import torch
 
 from medlsdm.config import DataConfig
 
 
-def display_window(cfg: DataConfig, reference: Optional[torch.Tensor | np.ndarray] = None) -> tuple[float, float]:
+def display_window(cfg: DataConfig, reference: torch.Tensor | np.ndarray | None = None) -> tuple[float, float]:
     """(lo, hi) of the display window in normalised units; MR needs the ``reference`` volume (any shape)."""
     if cfg.modality == "ct":
         w_lo, w_hi = cfg.ct_window

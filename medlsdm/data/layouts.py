@@ -12,7 +12,6 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from medlsdm.data.checks import check_exists, check_nonempty_dir
 from medlsdm.errors import UserError
@@ -27,8 +26,8 @@ class Case:
     """One sample: an image (NIfTI file or DICOM series folder) and/or a label map (NIfTI)."""
 
     id: str
-    image: Optional[Path]
-    label: Optional[Path]
+    image: Path | None
+    label: Path | None
 
 
 def case_name(path: Path) -> str:
@@ -61,7 +60,7 @@ def _nifti_files(folder: Path) -> list[Path]:
     return files
 
 
-def _match(images: list[Path], labels: Optional[list[Path]]) -> list[Case]:
+def _match(images: list[Path], labels: list[Path] | None) -> list[Case]:
     """Pair images and labels by :func:`case_name`; any file without a partner is an error."""
     by_name = {case_name(p): p for p in images}
     if labels is None:
@@ -76,7 +75,7 @@ def _match(images: list[Path], labels: Optional[list[Path]]) -> list[Case]:
     return [Case(n, by_name[n], label_by_name[n]) for n in sorted(by_name)]
 
 
-def _label_in_dir(label_dir: Path, case_id: str) -> Optional[Path]:
+def _label_in_dir(label_dir: Path, case_id: str) -> Path | None:
     """``label_dir/<id>.nii(.gz)`` or the first NIfTI inside ``label_dir/<id>/``."""
     for suffix in (".nii.gz", ".nii"):
         if (label_dir / f"{case_id}{suffix}").is_file():
@@ -88,7 +87,7 @@ def _label_in_dir(label_dir: Path, case_id: str) -> Optional[Path]:
     return None
 
 
-def _attach_labels(cases: list[Case], label_dir: Optional[str | Path]) -> list[Case]:
+def _attach_labels(cases: list[Case], label_dir: str | Path | None) -> list[Case]:
     if label_dir is None:
         return cases
     label_dir = check_nonempty_dir(label_dir)
@@ -147,7 +146,7 @@ def _nnunet(root: Path, split: str) -> list[Case]:
     return _match(images, labels)
 
 
-def _synthrad(root: Path, image_key: str, label_dir: Optional[str | Path]) -> list[Case]:
+def _synthrad(root: Path, image_key: str, label_dir: str | Path | None) -> list[Case]:
     check_nonempty_dir(root)
     cases = []
     for patient in sorted(p for p in root.iterdir() if p.is_dir()):
@@ -177,7 +176,7 @@ def _dicom_folders(root: Path) -> list[Path]:
     return [d for d in folders if any(_is_dicom(f) for f in d.iterdir() if f.is_file())]
 
 
-def _dicom(root: Path, label_dir: Optional[str | Path]) -> list[Case]:
+def _dicom(root: Path, label_dir: str | Path | None) -> list[Case]:
     check_nonempty_dir(root)
     folders = _dicom_folders(root)
     if not folders:
@@ -186,7 +185,7 @@ def _dicom(root: Path, label_dir: Optional[str | Path]) -> list[Case]:
     return _attach_labels(cases, label_dir)
 
 
-def _unlabelled(root: Path, label_dir: Optional[str | Path]) -> list[Case]:
+def _unlabelled(root: Path, label_dir: str | Path | None) -> list[Case]:
     return _attach_labels(_match(_nifti_files(root), None), label_dir)
 
 
@@ -216,7 +215,7 @@ def find_cases(
     root: str | Path,
     layout: str = "auto",
     split: str = "train",
-    label_dir: Optional[str | Path] = None,
+    label_dir: str | Path | None = None,
     image_key: str = "ct",
 ) -> list[Case]:
     """List the cases under ``root`` (a folder, or a manifest file): sorted by id; manifests keep their order.
@@ -244,7 +243,7 @@ def find_cases(
     return cases
 
 
-def read_label_names(root: str | Path) -> Optional[list[str]]:
+def read_label_names(root: str | Path) -> list[str] | None:
     """Class names from an nnU-Net / MSD ``dataset.json`` "labels" entry, ordered by index; else None.
 
     Accepts v2 ``{"background": 0, "liver": 1}`` and v1 ``{"0": "background", "1": "liver"}``; missing

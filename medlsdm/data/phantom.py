@@ -24,7 +24,6 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Optional
 
 import nibabel as nib
 import numpy as np
@@ -71,7 +70,7 @@ _T = {name: i for i, name in enumerate(_TISSUES)}
 
 
 def phantom_spacing(
-    seed: int, shape: tuple[int, int, int] = (16, 64, 64), spacing: Optional[tuple[float, float, float]] = None
+    seed: int, shape: tuple[int, int, int] = (16, 64, 64), spacing: tuple[float, float, float] | None = None
 ) -> tuple[float, float, float]:
     """Voxel size (D, H, W) in mm of subject ``seed``: the field of view over the shape, +-5% per subject; or
     exactly ``spacing`` when given (a scanner protocol's fixed voxel size: a model preset that resamples to it,
@@ -130,7 +129,9 @@ def _grid(
     return tuple(a.float().view(v) for a, v in zip(axes, views))
 
 
-def _segment(a: Anatomy, z: torch.Tensor, y: torch.Tensor, x: torch.Tensor, lesion_kind: str) -> tuple[torch.Tensor, ...]:
+def _segment(
+    a: Anatomy, z: torch.Tensor, y: torch.Tensor, x: torch.Tensor, lesion_kind: str
+) -> tuple[torch.Tensor, ...]:
     """Label map (classes 0..5) and tissue map (indices into _TISSUES), both uint8 (D, H, W)."""
     shape = (z.numel(), y.numel(), x.numel())
     rho = a.body_rho(x, y, z).expand(shape)
@@ -178,7 +179,7 @@ def _segment(a: Anatomy, z: torch.Tensor, y: torch.Tensor, x: torch.Tensor, lesi
 
 def generate_phantom(
     seed: int, shape: tuple[int, int, int] = (16, 64, 64), modality: str = "ct", *, mr_bias: float = 0.3,
-    spacing: Optional[tuple[float, float, float]] = None, centre: tuple[float, float, float] = (0.0, 0.0, 0.0),
+    spacing: tuple[float, float, float] | None = None, centre: tuple[float, float, float] = (0.0, 0.0, 0.0),
     lesions: str = "mixed",
 ) -> tuple[np.ndarray, np.ndarray]:
     """One phantom subject.
@@ -262,7 +263,7 @@ def write_phantom_dataset(
     test_fraction: float = 0.2,
     progress: bool = True,
     overwrite: bool = False,
-    spacing: Optional[tuple[float, float, float]] = None,
+    spacing: tuple[float, float, float] | None = None,
     centre: tuple[float, float, float] = (0.0, 0.0, 0.0),
     lesions: str = "mixed",
 ) -> Path:
@@ -302,7 +303,7 @@ def write_phantom_dataset(
 
 def _write_cases(
     out: Path, n: int, modality: str, shape: tuple[int, int, int], seed: int, test_fraction: float, progress: bool,
-    spacing: Optional[tuple[float, float, float]], centre: tuple[float, float, float], lesions: str = "mixed",
+    spacing: tuple[float, float, float] | None, centre: tuple[float, float, float], lesions: str = "mixed",
 ) -> None:
     n_test = min(max(round(n * test_fraction), 1 if n >= 2 and test_fraction > 0 else 0), n - 1)
     for i in tqdm(range(n), desc=f"phantoms ({modality})", disable=not progress):

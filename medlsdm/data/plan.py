@@ -15,7 +15,6 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import yaml
@@ -44,7 +43,7 @@ class Fingerprint:
     layout: str
     modality: str
     modality_reason: str
-    channel: Optional[str]
+    channel: str | None
     label_values: list[int]
     label_names: dict[int, str]
     label_names_source: str
@@ -62,7 +61,7 @@ class Fingerprint:
         return tuple(float(v) for v in np.median(mm, axis=0))  # type: ignore[return-value]
 
 
-def dataset_channel(root: Path) -> Optional[str]:
+def dataset_channel(root: Path) -> str | None:
     """The first channel's name in an nnU-Net ``dataset.json`` (v2 ``channel_names``, v1 ``modality``), or None."""
     path = Path(root) / "dataset.json"
     if not path.is_file():
@@ -101,7 +100,7 @@ def _volume_geometry(path: Path) -> tuple[tuple[int, int, int], tuple[float, flo
     return _header_geometry(path)
 
 
-def fingerprint(root: str | Path, layout: str = "auto", label_dir: Optional[str | Path] = None) -> Fingerprint:
+def fingerprint(root: str | Path, layout: str = "auto", label_dir: str | Path | None = None) -> Fingerprint:
     """Read the data set at ``root`` (any layout medlsdm reads) once; see :class:`Fingerprint`."""
     import nibabel as nib
 
@@ -160,7 +159,7 @@ def model_multiple(cfg: Config) -> tuple[int, int, int]:
 
 
 def plan_config(fp: Fingerprint, base: str = "tiny",
-                gpu_memory_gb: Optional[float] = None) -> tuple[Config, list[str]]:
+                gpu_memory_gb: float | None = None) -> tuple[Config, list[str]]:
     """A config for the data set ``fp`` starting from preset ``base``, and one line per choice saying why.
 
     ``gpu_memory_gb``: the shape's voxel budget comes from memory (:data:`BYTES_PER_VOXEL_GIB`); without it, the

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -28,7 +27,7 @@ class CaseSummary:
     id: str
     shape: tuple[int, int, int]  # (D, H, W) after orientation, before resampling / crop / resize
     spacing: tuple[float, float, float]  # (D, H, W) voxel size in mm
-    label_counts: Optional[list[int]]  # voxels per class after preprocessing; None without a label map
+    label_counts: list[int] | None  # voxels per class after preprocessing; None without a label map
 
 
 @dataclass
@@ -37,11 +36,11 @@ class DatasetSummary:
     layout: str
     target_shape: tuple[int, int, int]
     label_names: list[str]
-    cache_dir: Optional[str]
+    cache_dir: str | None
     cases: list[CaseSummary] = field(default_factory=list)
 
     @property
-    def totals(self) -> Optional[list[int]]:
+    def totals(self) -> list[int] | None:
         """Voxels per class summed over the labelled cases (None if no case has a label map)."""
         counts = [c.label_counts for c in self.cases if c.label_counts is not None]
         return [sum(col) for col in zip(*counts)] if counts else None
@@ -63,10 +62,10 @@ def prepare_dataset(
     cache: bool = True,
     *,
     split: str = "train",
-    label_dir: Optional[str | Path] = None,
+    label_dir: str | Path | None = None,
     image_key: str = "ct",
-    cache_dir: Optional[str | Path] = None,
-    multiple: Optional[tuple[int, int, int]] = None,
+    cache_dir: str | Path | None = None,
+    multiple: tuple[int, int, int] | None = None,
 ) -> DatasetSummary:
     """Find, check and preprocess every case of ``root``; cache them when ``cache`` and a cache folder
     (``cache_dir`` or ``cfg.cache_dir``) is set. ``multiple``: the model's total downsampling per axis,
@@ -123,5 +122,6 @@ def format_summary(summary: DatasetSummary) -> str:
         f"target shape (D,H,W) {'x'.join(map(str, summary.target_shape))}; label counts are voxels after preprocessing",
         *_table(header, rows),
     ]
-    lines.append(f"cache: {summary.cache_dir}" if summary.cache_dir else "cache: off (set data.cache_dir to keep preprocessed cases)")
+    lines.append(f"cache: {summary.cache_dir}" if summary.cache_dir
+                 else "cache: off (set data.cache_dir to keep preprocessed cases)")
     return "\n".join(lines)

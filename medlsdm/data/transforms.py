@@ -14,12 +14,11 @@ source survives, only the geometry.
 from __future__ import annotations
 
 import functools
-import logging
 import gzip
+import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import nibabel as nib
 import numpy as np
@@ -66,7 +65,7 @@ class LabelGeometry:
     shape: tuple[int, int, int]  # source shape
     oriented_affine: np.ndarray  # after Orientation
     oriented_shape: tuple[int, int, int]
-    spaced_affine: Optional[np.ndarray]  # after Spacing; None when no resampling was asked for
+    spaced_affine: np.ndarray | None  # after Spacing; None when no resampling was asked for
     spaced_shape: tuple[int, int, int]  # input of crop/pad or resize
     resize_mode: str  # "crop_pad" or "resize"
     crop: Borders  # voxels removed (before, after) per axis (crop_pad mode)
@@ -183,7 +182,7 @@ def _scale_intensity(x: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
 
 def preprocess(
     array: torch.Tensor, affine: np.ndarray, cfg: DataConfig, is_label: bool,
-    keep_larger: Optional[tuple[int, int, int]] = None,
+    keep_larger: tuple[int, int, int] | None = None,
 ) -> tuple[torch.Tensor, LabelGeometry]:
     """(X, Y, Z) array + affine -> ((1, D, H, W) tensor, geometry). Labels must already be class indices.
 
@@ -233,7 +232,7 @@ def load_image(path: str | Path, cfg: DataConfig) -> tuple[torch.Tensor, LabelGe
 
 
 def load_label_map(
-    path: str | Path, cfg: DataConfig, keep_larger: Optional[tuple[int, int, int]] = None
+    path: str | Path, cfg: DataConfig, keep_larger: tuple[int, int, int] | None = None
 ) -> tuple[torch.Tensor, LabelGeometry]:
     """Label map file -> (LongTensor (1, D, H, W) of class indices, geometry to write results onto).
     ``keep_larger``: see :func:`preprocess` (sampling full-length volumes)."""
@@ -314,7 +313,7 @@ def denormalize(volume: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
     return (v + 1.0) / 2.0
 
 
-def _write_nifti(array: np.ndarray, affine: np.ndarray, path: str | Path) -> None:
+def write_nifti(array: np.ndarray, affine: np.ndarray, path: str | Path) -> None:
     """Write ``array`` (X, Y, Z) with a fresh header carrying only the geometry, atomically."""
     path = Path(path)
     img = nib.Nifti1Image(array, affine)  # new header: no descrip / db_name / aux_file / intent_name
@@ -343,11 +342,11 @@ def save_volume(volume: torch.Tensor, geometry: LabelGeometry, path: str | Path,
     x = denormalize(_as_channel_first(volume).detach().float().cpu(), cfg)
     fill = float(denormalize(torch.tensor(-1.0), cfg))
     array = _to_source_grid(x, geometry, is_label=False, fill=fill).astype(np.float32)
-    _write_nifti(array, geometry.affine, path)
+    write_nifti(array, geometry.affine, path)
 
 
 def save_label(label: torch.Tensor, geometry: LabelGeometry, path: str | Path, cfg: DataConfig) -> None:
     """Write a (1, D, H, W) or (D, H, W) class-index map on the source grid (nearest; class indices)."""
     array = np.rint(_to_source_grid(_as_channel_first(label), geometry, is_label=True, fill=0.0))
     dtype = np.uint8 if cfg.num_classes <= 256 else np.int16
-    _write_nifti(array.astype(dtype), geometry.affine, path)
+    write_nifti(array.astype(dtype), geometry.affine, path)

@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
 from torch import nn
 
-
 DEPTH_POSITIONS = ("none", "relative")
 
 
@@ -122,7 +121,9 @@ class EncoderResBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, emb_channels: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.in_layers = nn.Sequential(
-            nn.GroupNorm(norm_groups(in_channels), in_channels), nn.SiLU(), nn.Conv3d(in_channels, out_channels, 3, padding=1)
+            nn.GroupNorm(norm_groups(in_channels), in_channels),
+            nn.SiLU(),
+            nn.Conv3d(in_channels, out_channels, 3, padding=1),
         )
         self.out_norm = nn.GroupNorm(norm_groups(out_channels), out_channels)
         self.time = TimestepScaleShift(emb_channels, out_channels)
@@ -252,7 +253,8 @@ class AttentionBlock(nn.Sequential):
     """Cross-slice attention followed by spatial attention (the paper's pair), ``(B,C,D,H,W)`` in and out."""
 
     def __init__(self, channels: int, num_heads: int, depth_positions: str = "none") -> None:
-        super().__init__(CrossSliceAttention(channels, num_heads, depth_positions), SpatialAttention(channels, num_heads))
+        super().__init__(CrossSliceAttention(channels, num_heads, depth_positions),
+                         SpatialAttention(channels, num_heads))
 
 
 class Downsample(nn.Module):

@@ -160,7 +160,8 @@ class LatentDiffusion(nn.Module):
                                    or not torch.equal(theirs.alphas_cumprod, ours.alphas_cumprod)):
             raise UserError(f"sampler {sampler!r} has another noise schedule than the model's {ours!r}")
         if sampler.objective != self.objective or sampler.clip != clip:
-            raise UserError(f"sampler {sampler!r} does not fit the model (objective {self.objective!r}, clip {clip!r}): "
+            raise UserError(f"sampler {sampler!r} does not fit the model "
+                            f"(objective {self.objective!r}, clip {clip!r}): "
                             f"build it with those, or use model.make_sampler({sampler.name!r}, ...)")
         return sampler
 

@@ -89,7 +89,9 @@ class NoiseSchedule:
         ab = self.lookup("alphas_cumprod", t, x_t)
         return (x_t - ab.sqrt() * x0) / (1 - ab).sqrt()
 
-    def predict_x0(self, objective: str, x_t: torch.Tensor, t: torch.Tensor | int, output: torch.Tensor) -> torch.Tensor:
+    def predict_x0(
+        self, objective: str, x_t: torch.Tensor, t: torch.Tensor | int, output: torch.Tensor
+    ) -> torch.Tensor:
         """The clean latent implied by a model ``output`` for ``objective`` at ``(x_t, t)``."""
         check_objective(objective)
         if objective == "eps":

@@ -41,7 +41,8 @@ class SemanticEncoder(nn.Module):
             layers += [nn.Conv3d(num_classes if k == 0 else channels, channels, 3, stride=stride, padding=1), nn.SiLU()]
         self.to_latent = nn.Sequential(*layers)
         self.null = nn.Parameter(torch.randn(1, channels, 1, 1, 1))
-        self.down = nn.ModuleList([nn.Sequential(Downsample(channels, keep_depth), nn.SiLU()) for _ in range(levels - 1)])
+        self.down = nn.ModuleList([nn.Sequential(Downsample(channels, keep_depth), nn.SiLU())
+                                   for _ in range(levels - 1)])
         self.heads = nn.ModuleList([nn.Conv3d(channels, channels, 3, padding=1) for _ in range(levels)])
 
     def forward(

@@ -2,7 +2,8 @@
 
 Encoder: :class:`EncoderResBlock` s (timestep scale/shift, eq. 14) with cross-slice + spatial
 attention at ``attention_levels``; ``keep_depth`` down-samples in-plane only (cross-slice attention sees
-every latent slice) and ``depth_positions`` gives that attention relative depth positions. Middle and decoder: :class:`DecoderResBlock` s whose norms are
+every latent slice) and ``depth_positions`` gives that attention relative depth positions. Middle and
+decoder: :class:`DecoderResBlock` s whose norms are
 SPADE (eq. 15) fed by :class:`SemanticEncoder` features of the matching level, with skip connections
 from the encoder. The label map enters only through SPADE (never concatenated to the input).
 
@@ -33,7 +34,6 @@ from medlsdm.diffusion.blocks import (
     zero_module,
 )
 from medlsdm.diffusion.semantic_encoder import SemanticEncoder
-
 
 CONDITIONING = ("spade", "concat")
 
@@ -169,7 +169,9 @@ class SemanticUNet(nn.Module):
             conditioning=conditioning,
         )
 
-    def concat_labels(self, labels_onehot: torch.Tensor | None, x: torch.Tensor, drop: torch.Tensor | None) -> torch.Tensor:
+    def concat_labels(
+        self, labels_onehot: torch.Tensor | None, x: torch.Tensor, drop: torch.Tensor | None
+    ) -> torch.Tensor:
         """Concat mode: the label map (B, C, D, H, W) as input channels (B, C, d, h, w) (class fractions when
         ``image_down`` > 1); all zeros (the null condition) for ``drop``-ped samples or ``labels_onehot`` None."""
         b, size = x.shape[0], tuple(x.shape[2:])
@@ -271,7 +273,8 @@ def cached_condition(unet: SemanticUNet, net: Callable | None = None) -> Callabl
         key = (id(labels_onehot), id(drop), x.shape[0], tuple(x.shape[2:]), x.dtype,
                torch.is_autocast_enabled(x.device.type))
         if key not in store:
-            store[key] = (labels_onehot, drop, unet.condition(labels_onehot, x.shape[0], tuple(x.shape[2:]), drop, x.dtype))
+            store[key] = (labels_onehot, drop,
+                          unet.condition(labels_onehot, x.shape[0], tuple(x.shape[2:]), drop, x.dtype))
         return net(x, t, labels_onehot, drop, cond=store[key][2])
 
     return forward

@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from medlsdm.config import Config, load_config
 from medlsdm.data.display import display_window
+from medlsdm.devices import resolve_device
 from medlsdm.errors import UserError
 from medlsdm.evaluation import metrics as M
 from medlsdm.evaluation.features import DomainFeatures, FeatureExtractor, fid_2d, fid_3d, load_extractor
@@ -26,7 +27,6 @@ from medlsdm.evaluation.privacy import privacy_audit
 from medlsdm.evaluation.report import write_report
 from medlsdm.evaluation.segmentation import dice_protocol, load_segmenter, segmentation_encoder, train_segmenter
 from medlsdm.io import atomic_write_text
-from medlsdm.devices import resolve_device
 
 DOMAIN_NAME = "segmentation U-Net encoder (Appendix B network trained on the real training set)"
 FEATURES = ("auto", "inception", "random-inception", "medicalnet", "random-medicalnet", "domain")
@@ -118,9 +118,9 @@ def volume_features(extractor: FeatureExtractor):
 
 
 def evaluate(
-    real: Path, synthetic: Path, out: Path, train: Optional[Path] = None,
-    features: str | Sequence[str] = "auto", feature_weights: Optional[str] = None,
-    cfg: Config | str | Path = "tiny", seg_steps: Optional[int] = None, seed: int = 0, layout: str = "auto",
+    real: Path, synthetic: Path, out: Path, train: Path | None = None,
+    features: str | Sequence[str] = "auto", feature_weights: str | None = None,
+    cfg: Config | str | Path = "tiny", seg_steps: int | None = None, seed: int = 0, layout: str = "auto",
     device: str = "auto", lpips: bool = True, privacy: bool = True, progress: bool = True,
 ) -> dict:
     """Evaluate synthetic volumes against real ones and write ``metrics.json`` + ``report.md`` into ``out``.

@@ -16,10 +16,9 @@ is averaged over the two in-plane axes of the plane, one C-vector per slab (so p
 from __future__ import annotations
 
 import abc
-
 import hashlib
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -54,8 +53,8 @@ class FeatureExtractor(abc.ABC):
 
     spatial_dims: int = 2
 
-    def __init__(self, net: nn.Module, name: str, pretrained: bool, weights_path: Optional[str] = None,
-                 weights_sha256: Optional[str] = None, device: str | torch.device = "cpu"):
+    def __init__(self, net: nn.Module, name: str, pretrained: bool, weights_path: str | None = None,
+                 weights_sha256: str | None = None, device: str | torch.device = "cpu"):
         self.net = net.to(device).eval()  # features are computed under no_grad; requires_grad is left alone
         self.name = name
         self.pretrained = pretrained
@@ -81,7 +80,7 @@ class InceptionFID2D(FeatureExtractor):
     """pytorch-fid's InceptionV3 on 2D slices: [-1, 1] slices are repeated to 3 channels and resized to
     299x299 bilinearly (pytorch-fid's own resize, then its [0, 1] -> [-1, 1] step, which is the same)."""
 
-    def __init__(self, weights_path: Optional[str | Path] = None, device: str | torch.device = "cpu"):
+    def __init__(self, weights_path: str | Path | None = None, device: str | torch.device = "cpu"):
         if weights_path is None:
             net = random_inception()
             super().__init__(net, "InceptionV3 (random init, NOT pretrained)", False, device=device)
@@ -131,7 +130,7 @@ class MedicalNet3D(_Pooled3D):
     """MedicalNet 3D ResNet on volumes z-scored per volume (MedicalNet's input normalisation, here over
     the whole volume); features = global average pool of layer4, 512-d (depth 10/18/34) or 2048-d (50)."""
 
-    def __init__(self, weights_path: Optional[str | Path], depth: int = 10, device: str | torch.device = "cpu"):
+    def __init__(self, weights_path: str | Path | None, depth: int = 10, device: str | torch.device = "cpu"):
         if weights_path is None:
             net = random_medicalnet(depth)
             super().__init__(net, f"MedicalNet ResNet-{depth} (random init, NOT pretrained)", False, device=device)
@@ -156,8 +155,8 @@ class DomainFeatures(_Pooled3D):
     (the last, deepest one is used), e.g. the encoder of the evaluation segmentation network. The module
     is moved to ``device`` and put in eval mode; ``weights_sha256`` None hashes its state dict."""
 
-    def __init__(self, encoder_module: nn.Module, weights_sha256: Optional[str] = None,
-                 name: str = "domain encoder", weights_path: Optional[str] = None, pretrained: bool = True,
+    def __init__(self, encoder_module: nn.Module, weights_sha256: str | None = None,
+                 name: str = "domain encoder", weights_path: str | None = None, pretrained: bool = True,
                  device: str | torch.device = "cpu"):
         super().__init__(encoder_module, name, pretrained, weights_path, weights_sha256, device)
 
@@ -190,8 +189,8 @@ def default_inception_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS_FILE
 
 
-def load_extractor(kind: str, weights: Optional[str] = None, *, depth: int = 10,
-                   encoder: Optional[nn.Module] = None, encoder_sha256: Optional[str] = None,
+def load_extractor(kind: str, weights: str | None = None, *, depth: int = 10,
+                   encoder: nn.Module | None = None, encoder_sha256: str | None = None,
                    device: str | torch.device = "cpu") -> FeatureExtractor:
     """The extractor ``kind`` (one of ``KINDS``) with its weights.
 

@@ -24,7 +24,7 @@ get back to native units (HU for CT) and which display window a person looks at 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -83,7 +83,7 @@ def class_table(preds: Sequence, refs: Sequence, labels: Sequence, cfg: DataConf
     return rows
 
 
-def _contrast(vol: torch.Tensor, lab: torch.Tensor, c: int) -> Optional[float]:
+def _contrast(vol: torch.Tensor, lab: torch.Tensor, c: int) -> float | None:
     """Median of class ``c`` minus the median of its non-background shell, in ``vol``'s units (None if too few)."""
     mask = lab == c
     if int(mask.sum()) < MIN_VOXELS:
@@ -153,7 +153,7 @@ def grid_ratio(preds: Sequence, refs: Sequence, cfg: DataConfig) -> dict:
     return {"max": max(per_axis.values()) if per_axis else float("nan"), "per_axis": per_axis}
 
 
-def fidelity(preds: Sequence, refs: Sequence, labels: Optional[Sequence], cfg: DataConfig) -> dict:
+def fidelity(preds: Sequence, refs: Sequence, labels: Sequence | None, cfg: DataConfig) -> dict:
     """All four: ``{"window_metrics", "classes", "contrast", "grid", "window", "unit"}`` (JSON-friendly);
     ``classes`` and ``contrast`` are empty without ``labels``."""
     return {

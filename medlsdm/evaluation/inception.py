@@ -9,14 +9,12 @@ pool ignores the zero padding (``count_include_pad=False``), and Mixed_7c pools 
 
 from __future__ import annotations
 
-from typing import Union
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
-Size = Union[int, tuple[int, int]]
+Size = int | tuple[int, int]
 
 
 class BasicConv2d(nn.Module):

@@ -15,7 +15,7 @@ square roots are of symmetric positive semi-definite matrices (negative round-of
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Optional, Sequence, Union
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ from medlsdm.errors import UserError
 
 DATA_RANGE = 2.0  # intensities live in [-1, 1]
 PLANES = {"axial": 2, "coronal": 3, "sagittal": 4}  # plane -> the slice axis of a (B, C, D, H, W) tensor
-Volumes = Union[torch.Tensor, np.ndarray, Sequence[Union[torch.Tensor, np.ndarray]]]
+Volumes = torch.Tensor | np.ndarray | Sequence[torch.Tensor | np.ndarray]
 
 
 def as_batch(volumes: Volumes) -> torch.Tensor:
@@ -77,7 +77,7 @@ def rmse(a: Volumes, b: Volumes) -> float:
 
 
 @lru_cache(maxsize=2)
-def _perceptual(backbone: str, weights: Optional[str], lpips_weights: Optional[str]) -> tuple[PerceptualLoss, str]:
+def _perceptual(backbone: str, weights: str | None, lpips_weights: str | None) -> tuple[PerceptualLoss, str]:
     module, description = perceptual_network(backbone, weights, lpips_weights, n_slices=1)
     if module is None:
         raise UserError(f"config: LPIPS needs a perceptual backbone ('vgg16' or 'random-vgg16'), got {backbone!r}")
@@ -91,8 +91,8 @@ def lpips(
     planes: Sequence[str] = ("axial", "coronal", "sagittal"),
     chunk: int = 16,
     *,
-    weights: Optional[str] = None,
-    lpips_weights: Optional[str] = None,
+    weights: str | None = None,
+    lpips_weights: str | None = None,
 ) -> tuple[float, str]:
     """LPIPS-style distance between paired volumes on every 2D slice of each plane -> (mean, backbone).
 
@@ -220,7 +220,7 @@ def class_medians(volume: torch.Tensor, label: torch.Tensor, num_classes: int) -
 
 
 def class_median_errors(synthetic: torch.Tensor, real: torch.Tensor, label: torch.Tensor, num_classes: int,
-                        region: Optional[torch.Tensor] = None, min_voxels: int = 20) -> torch.Tensor:
+                        region: torch.Tensor | None = None, min_voxels: int = 20) -> torch.Tensor:
     """(C,) |median_syn - median_real| of each class of ``label`` (in the volumes' units), NaN for a class
     absent (or, within ``region``, with fewer than ``min_voxels`` voxels there)."""
     if region is not None:
@@ -233,7 +233,7 @@ def class_median_errors(synthetic: torch.Tensor, real: torch.Tensor, label: torc
 
 
 def class_intensity_error(synthetic: torch.Tensor, real: torch.Tensor, label: torch.Tensor,
-                          num_classes: int, region: Optional[torch.Tensor] = None, min_voxels: int = 20) -> float:
+                          num_classes: int, region: torch.Tensor | None = None, min_voxels: int = 20) -> float:
     """Label-following score: mean over the classes present of |median_syn - median_real| divided by the
     spread (std) of the real class medians, i.e. 0 = every class has its real intensity, ~1 = errors as
     large as the differences between classes. Medians are taken inside ``label``'s masks in both volumes.

@@ -12,7 +12,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import nibabel as nib
 import torch
@@ -33,9 +32,9 @@ class VolumeSet:
 
     ids: list[str] = field(default_factory=list)
     images: list[torch.Tensor] = field(default_factory=list)
-    labels: list[Optional[torch.Tensor]] = field(default_factory=list)
+    labels: list[torch.Tensor | None] = field(default_factory=list)
     paths: list[Path] = field(default_factory=list)  # the image file (or DICOM folder) of each volume
-    spacing: Optional[tuple[float, float, float]] = None  # (D, H, W) mm of the tensors, for figures
+    spacing: tuple[float, float, float] | None = None  # (D, H, W) mm of the tensors, for figures
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -53,7 +52,7 @@ class VolumeSet:
         return len(self) > 0 and all(lab is not None for lab in self.labels)
 
 
-def _display_spacing(geometry, cfg: DataConfig) -> Optional[tuple[float, float, float]]:
+def _display_spacing(geometry, cfg: DataConfig) -> tuple[float, float, float] | None:
     if cfg.spacing is not None:
         return tuple(cfg.spacing)
     return geometry.spacing if cfg.resize_mode == "crop_pad" else None
@@ -104,7 +103,7 @@ def synthetic_files(folder: str | Path) -> list[tuple[str, Path]]:
     return out
 
 
-def _file_shape(path: Path) -> Optional[tuple[int, ...]]:
+def _file_shape(path: Path) -> tuple[int, ...] | None:
     """Spatial shape from a NIfTI header (trailing singleton axes dropped); None for other inputs."""
     if not _NIFTI.search(path.name):
         return None

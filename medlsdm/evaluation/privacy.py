@@ -13,7 +13,7 @@ Volumes are (1, D, H, W) tensors of one shape, preprocessed as in training.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Mapping, Optional, Sequence, Union
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from torch import Tensor
 from medlsdm.errors import UserError
 from medlsdm.evaluation.pairing import VolumeSet
 
-Named = Union[VolumeSet, Mapping[str, Tensor]]
+Named = VolumeSet | Mapping[str, Tensor]
 PERCENTILE = 5.0
 EXACT = 1e-3  # image-space distance below which two volumes are the same scan up to rounding
 
@@ -85,8 +85,8 @@ def _extract(extractor: Callable[[Tensor], Tensor], vols: list[Tensor], batch: i
 
 def privacy_audit(
     train_vols: Named, heldout_real_vols: Named, synthetic_vols: Named,
-    extractor: Optional[Callable[[Tensor], Tensor]] = None, extractor_name: str = "features",
-    out_dir: Optional[Path] = None, top_k: int = 3, spacing: Optional[Sequence[float]] = None,
+    extractor: Callable[[Tensor], Tensor] | None = None, extractor_name: str = "features",
+    out_dir: Path | None = None, top_k: int = 3, spacing: Sequence[float] | None = None,
     window: tuple[float, float] = (-1.0, 1.0),
 ) -> dict:
     """Nearest-training-neighbour audit of synthetic volumes against real held-out ones.
@@ -127,7 +127,7 @@ def privacy_audit(
 
 
 def save_closest_pairs(path: Path, audit: dict, train_ids: list[str], train: list[Tensor], synth_ids: list[str],
-                       synth: list[Tensor], spacing: Optional[Sequence[float]] = None,
+                       synth: list[Tensor], spacing: Sequence[float] | None = None,
                        window: tuple[float, float] = (-1.0, 1.0)) -> Path:
     """Three-plane views of each closest (training scan, synthetic volume) pair, side by side."""
     from medlsdm.viz import montage

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -251,7 +251,7 @@ def _privacy_section(privacy: dict) -> list[str]:
 
 
 def write_report(out: Path, metrics: dict, real: VolumeSet, synthetic: VolumeSet, partner: Sequence[int],
-                 cfg: Config, slice_changes: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> Path:
+                 cfg: Config, slice_changes: tuple[torch.Tensor, torch.Tensor] | None = None) -> Path:
     """Write the figures and ``report.md`` into ``out``; returns the report path.
 
     ``slice_changes``: (real (B, D-1), synthetic (B', D-1)) adjacent-slice changes for the profile plot.

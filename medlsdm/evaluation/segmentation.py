@@ -16,7 +16,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -66,7 +66,7 @@ def state_sha256(model: nn.Module, length: int = 12) -> str:
     return h.hexdigest()[:length]
 
 
-def _check_volumes(images: Sequence[Tensor], labels: Sequence[Optional[Tensor]], what: str) -> None:
+def _check_volumes(images: Sequence[Tensor], labels: Sequence[Tensor | None], what: str) -> None:
     if len(images) == 0:
         raise UserError(f"{what}: no volumes to train or evaluate the segmentation network on")
     if len(images) != len(labels) or any(lab is None for lab in labels):
@@ -92,8 +92,8 @@ def _crop(crop, image: Tensor, label: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def train_segmenter(
-    images: Sequence[Tensor], labels: Sequence[Tensor], cfg: Config, steps: Optional[int] = None,
-    epochs: Optional[int] = None, seed: int = 0, out_path: Optional[Path] = None,
+    images: Sequence[Tensor], labels: Sequence[Tensor], cfg: Config, steps: int | None = None,
+    epochs: int | None = None, seed: int = 0, out_path: Path | None = None,
     device: str | torch.device = "cpu", progress: bool = False,
 ) -> tuple[UNet, dict]:
     """Train the Appendix B network on (1, D, H, W) images / label maps.
@@ -162,7 +162,7 @@ def predict(model: nn.Module, image: Tensor, cfg: Config, device: str | torch.de
 
 
 def dice_scores(preds: Sequence[Tensor], labels: Sequence[Tensor], num_classes: int,
-                names: Optional[Sequence[str]] = None) -> dict:
+                names: Sequence[str] | None = None) -> dict:
     """Dice of predicted vs true (1, D, H, W) class maps, foreground classes only.
 
     A class absent from a case's ground truth does not count for that case (MONAI ``ignore_empty``).
@@ -197,9 +197,9 @@ def evaluate_dice(model: nn.Module, images: Sequence[Tensor], labels: Sequence[T
     return out
 
 
-def dice_protocol(real_train: VolumeSet, real_test: VolumeSet, synthetic: Optional[VolumeSet], cfg: Config,
-                  model: Optional[nn.Module] = None, steps: Optional[int] = None, seed: int = 0,
-                  out_path: Optional[Path] = None, device: str | torch.device = "cpu", progress: bool = False) -> dict:
+def dice_protocol(real_train: VolumeSet, real_test: VolumeSet, synthetic: VolumeSet | None, cfg: Config,
+                  model: nn.Module | None = None, steps: int | None = None, seed: int = 0,
+                  out_path: Path | None = None, device: str | torch.device = "cpu", progress: bool = False) -> dict:
     """The paper's Table 2: a net trained on real training volumes, Dice on real train / real test / synthetic.
 
     ``synthetic`` holds volumes generated from the test label maps (with those label maps); ``model``
@@ -263,7 +263,7 @@ def _summary(runs: list[dict]) -> dict:
 
 
 def augment_study(real_small: VolumeSet, synthetic_extra: VolumeSet, real_test: VolumeSet, cfg: Config,
-                  seeds: Sequence[int] = (0, 1, 2), steps: Optional[int] = None,
+                  seeds: Sequence[int] = (0, 1, 2), steps: int | None = None,
                   device: str | torch.device = "cpu", progress: bool = False) -> dict:
     """Does adding synthetic volumes help? Train on (a) ``real_small`` and (b) ``real_small`` + ``synthetic_extra``.
 

@@ -9,24 +9,24 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
 
 from medlsdm.config import Config
+from medlsdm.devices import resolve_device
 from medlsdm.errors import UserError
 from medlsdm.evaluation.evaluate import as_config, jsonable, test_split
 from medlsdm.evaluation.pairing import label_files, load_cases, load_real, load_synthetic, real_cases, synthetic_files
 from medlsdm.evaluation.report import REAL, SYNTH, dice_figure, save_figure
 from medlsdm.evaluation.segmentation import augment_study, dice_protocol, load_segmenter
 from medlsdm.io import atomic_write_text
-from medlsdm.devices import resolve_device
 
 
 def run_segtest(
-    real: Path, out: Path, cfg: Config | str | Path = "tiny", train: Optional[Path] = None,
-    synthetic: Optional[Path] = None, weights: Optional[Path] = None, steps: Optional[int] = None, seed: int = 0,
+    real: Path, out: Path, cfg: Config | str | Path = "tiny", train: Path | None = None,
+    synthetic: Path | None = None, weights: Path | None = None, steps: int | None = None, seed: int = 0,
     layout: str = "auto", device: str = "auto", progress: bool = True,
 ) -> dict:
     """The paper's Dice protocol (Table 2) on its own; writes ``segtest.json``, ``dice.png`` (and the weights).
@@ -54,7 +54,7 @@ def run_segtest(
     return result
 
 
-def _synthetic_partners(synthetic: Path, train: Path, labels: Optional[Path], test_ids: set[str], cfg: Config,
+def _synthetic_partners(synthetic: Path, train: Path, labels: Path | None, test_ids: set[str], cfg: Config,
                         layout: str):
     """Synthetic volumes with the label maps they were generated from (training or extra label maps)."""
     leaked = [(name, path) for name, path in synthetic_files(synthetic) if name in test_ids]
@@ -87,8 +87,8 @@ def augment_figure(path: Path, study: dict) -> str:
 
 def run_augment_study(
     real: Path, synthetic: Path, out: Path, cfg: Config | str | Path = "tiny", n_real: int = 4,
-    seeds: Sequence[int] = (0, 1, 2), steps: Optional[int] = None, synthetic_labels: Optional[Path] = None,
-    test: Optional[Path] = None, subset_seed: int = 0, layout: str = "auto", device: str = "auto",
+    seeds: Sequence[int] = (0, 1, 2), steps: int | None = None, synthetic_labels: Path | None = None,
+    test: Path | None = None, subset_seed: int = 0, layout: str = "auto", device: str = "auto",
     progress: bool = True,
 ) -> dict:
     """Train the segmenter on ``n_real`` real training volumes with and without the synthetic volumes.

@@ -8,7 +8,6 @@ image/label data set, with the same trainer (DDP, EMA, checkpoints, resume) as M
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -21,10 +20,10 @@ from medlsdm.training.latents import is_latents_dir
 from medlsdm.training.run_dir import drop_run_cache, image_split, resolve_config, write_run_info
 
 
-def train_baseline(data: Path, config: Optional[Config | str | Path], out: Path, method: Optional[str] = None,
-                   layout: str = "auto", label_dir: Optional[Path] = None, max_steps: Optional[int] = None,
-                   resume: bool = False, device: str = "auto", seed: Optional[int] = None, progress: bool = True,
-                   max_minutes: Optional[float] = None) -> Path:
+def train_baseline(data: Path, config: Config | str | Path | None, out: Path, method: str | None = None,
+                   layout: str = "auto", label_dir: Path | None = None, max_steps: int | None = None,
+                   resume: bool = False, device: str = "auto", seed: int | None = None, progress: bool = True,
+                   max_minutes: float | None = None) -> Path:
     """Train the ``slice2d`` or ``pixel3d`` baseline on the image/label pairs of ``data`` into run folder ``out``.
 
     ``config`` defaults to the ``tiny`` preset; ``method`` overrides its ``ldm.method`` (a resumed run keeps

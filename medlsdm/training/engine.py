@@ -33,7 +33,7 @@ import shutil
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -88,7 +88,9 @@ class Task(abc.ABC):
         """The modules that receive gradients (wrapped in DDP under torchrun)."""
 
     @abc.abstractmethod
-    def configure(self, device: torch.device, wrapped: Mapping[str, nn.Module], train: TrainConfig) -> dict[str, torch.optim.Optimizer]:
+    def configure(
+        self, device: torch.device, wrapped: Mapping[str, nn.Module], train: TrainConfig
+    ) -> dict[str, torch.optim.Optimizer]:
         """Called once after the modules moved to ``device``; ``wrapped`` holds the (DDP) training views.
         Returns the optimisers by name."""
 
@@ -159,7 +161,7 @@ class Trainer:
         train_cfg: TrainConfig,
         run_dir: Path,
         train_set: Dataset,
-        val_set: Optional[Dataset],
+        val_set: Dataset | None,
         dist: DistContext,
         progress: bool = True,
     ) -> None:
@@ -187,7 +189,7 @@ class Trainer:
         return DDP(module, device_ids=ids, find_unused_parameters=True)
 
     # ------------------------------------------------------------------ checkpoints
-    def latest_checkpoint(self) -> Optional[Path]:
+    def latest_checkpoint(self) -> Path | None:
         return latest_checkpoint(self.run_dir)
 
     def save_checkpoint(self) -> Path:
@@ -277,7 +279,7 @@ class Trainer:
             for k, v in values.items():
                 self.tb.add_scalar(f"{split}/{k}", float(v), step)
 
-    def _preview_state(self) -> Optional[tuple[int, int]]:
+    def _preview_state(self) -> tuple[int, int] | None:
         """(mtime, size) of this step's preview PNG, or None: tells whether validation (re)wrote it."""
         try:
             st = (self.run_dir / "previews" / f"step_{self.step:07d}.png").stat()
@@ -285,7 +287,7 @@ class Trainer:
             return None
         return st.st_mtime_ns, st.st_size
 
-    def _log_preview(self, before: Optional[tuple[int, int]]) -> None:
+    def _log_preview(self, before: tuple[int, int] | None) -> None:
         """The preview PNG the task wrote for this step (if it wrote one) as TensorBoard image ``previews``."""
         now = self._preview_state()
         if self.tb is None or now is None or now == before:
@@ -303,8 +305,8 @@ class Trainer:
         self.tb.add_image("previews", img, self.step, dataformats="HWC")
 
     # ------------------------------------------------------------------ loop
-    def fit(self, max_steps: Optional[int] = None, resume: bool = False,
-            max_seconds: Optional[float] = None) -> dict[str, float]:
+    def fit(self, max_steps: int | None = None, resume: bool = False,
+            max_seconds: float | None = None) -> dict[str, float]:
         """Train until ``max_steps`` (default: the config's) or, when given, until ``max_seconds`` of wall
         time have passed (then a checkpoint is written at the current step); returns the last logged values."""
         try:
@@ -312,7 +314,7 @@ class Trainer:
         finally:  # also on an error: what was logged reaches the event file (append-only, so never half a state)
             self._close_tensorboard()
 
-    def _fit(self, max_steps: Optional[int], resume: bool, max_seconds: Optional[float]) -> dict[str, float]:
+    def _fit(self, max_steps: int | None, resume: bool, max_seconds: float | None) -> dict[str, float]:
         max_steps = self.tc.max_steps if max_steps is None else max_steps
         if resume:
             ckpt = self.latest_checkpoint()
@@ -367,7 +369,8 @@ class Trainer:
         return last
 
     def check_ranks_in_sync(self) -> list[str]:
-        """Hash every rank's weights (after taking rank 0's buffers); record them in ``ddp_check.json``; fail if ranks differ."""
+        """Hash every rank's weights (after taking rank 0's buffers); record them in ``ddp_check.json``; fail if
+        ranks differ."""
         h = hashlib.sha256()
         for key, module in sorted(self.task.modules().items()):
             for buf in module.buffers():  # rank 0's running statistics are authoritative, as in DDP's forward
@@ -380,7 +383,8 @@ class Trainer:
         same = len(set(prints)) == 1
         if self.dist.is_main:
             atomic_write_text(self.run_dir / "ddp_check.json", json.dumps(
-                {"step": self.step, "world_size": self.dist.world_size, "fingerprints": prints, "identical": same}, indent=2))
+                {"step": self.step, "world_size": self.dist.world_size, "fingerprints": prints, "identical": same},
+                indent=2))
         if not same:
             raise RuntimeError(f"DDP ranks hold different weights after step {self.step}: {prints}")
         return prints

@@ -14,7 +14,6 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch.utils.data import Dataset
@@ -35,7 +34,7 @@ def is_latents_dir(path: Path) -> bool:
 
 
 @torch.no_grad()
-def encode_dataset(vqgan_dir: Path, data: Path, out: Path, layout: str = "auto", label_dir: Optional[Path] = None,
+def encode_dataset(vqgan_dir: Path, data: Path, out: Path, layout: str = "auto", label_dir: Path | None = None,
                    split: str = "train", device: str = "auto", progress: bool = True) -> Path:
     """Encode every labelled case of ``data`` with the VQ-GAN of ``vqgan_dir`` into ``out``."""
     dev = resolve_device(device)
@@ -90,11 +89,12 @@ def _encode_into(out: Path, vqgan, cfg, vqgan_dir: Path, cases: list, dev: torch
 class LatentDataset(Dataset):
     """Items ``{"latent": (E, d, h, w), "label": (1, D, H, W) long, "id": str}`` read lazily from a latents folder."""
 
-    def __init__(self, root: Path, ids: Optional[list[str]] = None) -> None:
+    def __init__(self, root: Path, ids: list[str] | None = None) -> None:
         self.root = Path(root)
         if not is_latents_dir(self.root):
             raise UserError(f"{self.root}: not a latents folder (stats.json missing); run 'medlsdm encode' first")
-        self.ids = ids if ids is not None else sorted(p.name[: -len(".safetensors")] for p in self.root.glob("*.safetensors"))
+        self.ids = (ids if ids is not None
+                    else sorted(p.name[: -len(".safetensors")] for p in self.root.glob("*.safetensors")))
         if not self.ids:
             raise UserError(f"{self.root}: latents folder holds no encoded cases")
         self.stats = json.loads((self.root / "stats.json").read_text())

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -26,7 +26,7 @@ from medlsdm.training.engine import Task
 class LDMTask(Task):
     name = "ldm"
 
-    def __init__(self, cfg: Config, vqgan: Optional[nn.Module], normalizer: Optional[LatentNormalizer]) -> None:
+    def __init__(self, cfg: Config, vqgan: nn.Module | None, normalizer: LatentNormalizer | None) -> None:
         self.cfg, self.normalizer = cfg, normalizer
         self.vqgan = vqgan.eval().requires_grad_(False) if vqgan is not None else None
         self.diffusion = build_diffusion(cfg, normalizer)  # clips at the latents' range when sampling
@@ -39,7 +39,9 @@ class LDMTask(Task):
     def trainable(self) -> dict[str, nn.Module]:
         return {"unet": self.unet}
 
-    def configure(self, device: torch.device, wrapped: Mapping[str, nn.Module], train: TrainConfig) -> dict[str, torch.optim.Optimizer]:
+    def configure(
+        self, device: torch.device, wrapped: Mapping[str, nn.Module], train: TrainConfig
+    ) -> dict[str, torch.optim.Optimizer]:
         if self.vqgan is not None:
             self.vqgan.to(device)
         # the same objective over the (possibly DDP-wrapped) U-Net

@@ -10,7 +10,6 @@ import dataclasses
 import json
 import shutil
 from pathlib import Path
-from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -25,15 +24,22 @@ from medlsdm.runs import load_vqgan, run_config, selected_weights
 from medlsdm.training.distributed import DistContext, cleanup_distributed, init_distributed
 from medlsdm.training.engine import Trainer
 from medlsdm.training.latents import LatentDataset, encode_dataset, is_latents_dir
-from medlsdm.training.run_dir import claim_run_dir, drop_run_cache, first_rank, image_split, resolve_config, write_run_info
+from medlsdm.training.run_dir import (
+    claim_run_dir,
+    drop_run_cache,
+    first_rank,
+    image_split,
+    resolve_config,
+    write_run_info,
+)
 
 __all__ = ["train_vqgan", "train_ldm", "encode_dataset"]
 
 
-def train_vqgan(data: Path, config: Optional[Config | str | Path], out: Path, layout: str = "auto",
-                label_dir: Optional[Path] = None, max_steps: Optional[int] = None, resume: bool = False,
-                device: str = "auto", seed: Optional[int] = None, progress: bool = True,
-                max_minutes: Optional[float] = None, overwrite: bool = False) -> Path:
+def train_vqgan(data: Path, config: Config | str | Path | None, out: Path, layout: str = "auto",
+                label_dir: Path | None = None, max_steps: int | None = None, resume: bool = False,
+                device: str = "auto", seed: int | None = None, progress: bool = True,
+                max_minutes: float | None = None, overwrite: bool = False) -> Path:
     """Train the 3D VQ-GAN on the images of ``data`` (labels are ignored) into run folder ``out``
     (``overwrite``: see :func:`claim_run_dir`)."""
     out = Path(out)
@@ -70,10 +76,10 @@ def _train_vqgan(data, config, out: Path, layout, label_dir, max_steps, resume, 
         cleanup_distributed()
 
 
-def train_ldm(vqgan_dir: Optional[Path], data: Path, config: Optional[Config | str | Path], out: Path, layout: str = "auto",
-              label_dir: Optional[Path] = None, max_steps: Optional[int] = None, resume: bool = False,
-              device: str = "auto", seed: Optional[int] = None, progress: bool = True,
-              max_minutes: Optional[float] = None, method: Optional[str] = None,
+def train_ldm(vqgan_dir: Path | None, data: Path, config: Config | str | Path | None, out: Path, layout: str = "auto",
+              label_dir: Path | None = None, max_steps: int | None = None, resume: bool = False,
+              device: str = "auto", seed: int | None = None, progress: bool = True,
+              max_minutes: float | None = None, method: str | None = None,
               allow_vqgan_mismatch: bool = False, overwrite: bool = False) -> Path:
     """Train the latent semantic diffusion model on ``data`` (a latents folder or image/label pairs).
     ``overwrite``: see :func:`claim_run_dir`.
@@ -188,7 +194,8 @@ def _copy_vqgan(vqgan_dir: Path, out: Path) -> None:
     target = out / "vqgan"
     target.mkdir(parents=True, exist_ok=True)
     weights = selected_weights(vqgan_dir, "vqgan")
-    if not (target / "vqgan.safetensors").is_file() or file_sha256(target / "vqgan.safetensors") != file_sha256(weights):
+    if (not (target / "vqgan.safetensors").is_file()
+            or file_sha256(target / "vqgan.safetensors") != file_sha256(weights)):
         tmp = target / ".vqgan.safetensors.tmp"
         shutil.copyfile(weights, tmp)
         tmp.replace(target / "vqgan.safetensors")

@@ -11,7 +11,6 @@ import os
 import platform
 import shutil
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -27,7 +26,7 @@ __all__ = ["resolve_config", "claim_run_dir", "write_run_info", "drop_run_cache"
            "RUN_OUTPUTS"]
 
 
-def resolve_config(config: Optional[Config | str | Path], out: Path, resume: bool, seed: Optional[int]) -> Config:
+def resolve_config(config: Config | str | Path | None, out: Path, resume: bool, seed: int | None) -> Config:
     """The run's config: on ``resume`` the one saved in ``out``, else ``config`` (a Config, a preset name or a YAML
     file)."""
     if resume and (Path(out) / "config.yaml").is_file():
@@ -80,8 +79,8 @@ def drop_run_cache(cfg: Config, out: Path, dist: DistContext) -> None:
         shutil.rmtree(out / "cache", ignore_errors=True)
 
 
-def image_split(data: Path, cfg: Config, layout: str, label_dir: Optional[Path], labels: bool, out: Path,
-                val_fraction: float) -> tuple[VolumeDataset, Optional[VolumeDataset]]:
+def image_split(data: Path, cfg: Config, layout: str, label_dir: Path | None, labels: bool, out: Path,
+                val_fraction: float) -> tuple[VolumeDataset, VolumeDataset | None]:
     """Train/val VolumeDatasets; preprocessed samples are cached in ``data.cache_dir`` or else ``RUN_DIR/cache``."""
     cases = find_cases(Path(data), layout=layout, split="train", label_dir=label_dir)
     if labels:

@@ -65,7 +65,9 @@ class VQGANTask(Task):
     def trainable(self) -> dict[str, nn.Module]:
         return self.modules()
 
-    def configure(self, device: torch.device, wrapped: Mapping[str, nn.Module], train: TrainConfig) -> dict[str, torch.optim.Optimizer]:
+    def configure(
+        self, device: torch.device, wrapped: Mapping[str, nn.Module], train: TrainConfig
+    ) -> dict[str, torch.optim.Optimizer]:
         self.views = dict(wrapped)
         if self.perceptual is not None:
             self.perceptual.to(device)
@@ -80,7 +82,8 @@ class VQGANTask(Task):
         x_rec, vq = self.views["vqgan"](x)
         with _Frozen(self.disc2d, self.disc3d):  # the generator's GAN terms must not train the discriminators
             g_loss, logs = self.loss.generator_loss(x, x_rec, vq, self.disc2d, self.disc3d, step, self.vqgan.last_layer)
-        d_loss, d_logs = self.loss.discriminator_loss(x, x_rec.detach(), self.views["disc2d"], self.views["disc3d"], step)
+        d_loss, d_logs = self.loss.discriminator_loss(x, x_rec.detach(), self.views["disc2d"], self.views["disc3d"],
+                                                      step)
         return g_loss + d_loss, {**logs, **d_logs}
 
     @torch.no_grad()
