@@ -48,6 +48,16 @@ def test_phantom_then_prepare_prints_a_correct_summary(tmp_path: Path, capsys: p
         (["sample", "--model", "/nonexistent/run", "--labels", "/tmp", "--out", "/tmp/y"], "/nonexistent/run"),
         (["evaluate", "--real", "/nonexistent/real", "--synthetic", "/tmp", "--out", "/tmp/r"], "/nonexistent/real"),
         (["phantom", "--out", "/tmp/z", "--n", "0"], "--n"),
+        # numbers and devices are checked when the arguments are parsed, before any work (issue 15)
+        (["sample", "--model", "/m", "--labels", "/l", "--out", "/o", "--steps", "0"], "--steps: must be at least 1"),
+        (["train-vqgan", "--data", "/d", "--out", "/o", "--max-steps", "0"], "--max-steps: must be at least 1"),
+        (["train-vqgan", "--data", "/d", "--out", "/o", "--max-steps", "-5"], "--max-steps: must be at least 1"),
+        (["train-vqgan", "--data", "/d", "--out", "/o", "--device", "tpu"], "--device: must be auto, cpu"),
+        (["sample", "--model", "/m", "--labels", "/l", "--out", "/o", "--guidance", "nan"], "--guidance: must be"),
+        (["sample", "--model", "/m", "--labels", "/l", "--out", "/o", "--sampler", "dpm"], "invalid choice: 'dpm'"),
+        (["train-vqgan", "--data", "/d", "--out", "/o", "--max-minutes", "0"], "--max-minutes: must be a finite"),
+        (["plan", "--data", "/d", "--out", "/o.yaml", "--gpu-memory", "-1"], "--gpu-memory: must be a finite"),
+        (["prepare", "--data", "/d", "--config", "tiny", "--set", "ldm.samplr=ddim"], "did you mean 'sampler'"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(argv: list[str], fragment: str, capsys: pytest.CaptureFixture[str]) -> None:
