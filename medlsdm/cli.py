@@ -215,7 +215,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="label maps deeper than the training shape: share of a depth window overlapping the next "
                         "(default: the config's ldm.window_overlap, 0.5)")
     p.add_argument("--window-batch", type=_positive_int, default=None, help="depth windows per U-Net call (default 1)")
+    p.add_argument("--dataset", type=Path, default=None, metavar="DIR",
+                   help="also write the volumes and their label maps as an nnU-Net raw dataset (imagesTr, labelsTr, "
+                        "dataset.json, cases.csv); name it DatasetNNN_Name for nnU-Net's tools")
+    p.add_argument("--with-real", type=Path, default=None, metavar="DATA",
+                   help="with --dataset: add the labelled training cases of this data set (headers rewritten)")
     p.set_defaults(func=_cmd_sample)
+
+    p = sub.add_parser("derive-labels", help="new label maps from the ones in hand (seeded elastic + affine)",
+                       description="Warp each label map with a seeded random elastic + affine deformation "
+                                   "(nearest neighbour); a draw that loses a class, changes a class's volume beyond "
+                                   "0.6-1.6x or splits it into more pieces is redrawn.")
+    p.add_argument("--labels", type=Path, required=True, help="a label map NIfTI file or a folder of them")
+    p.add_argument("--out", type=Path, required=True, help="folder for <label>_d<k>.nii.gz and derive_info.json")
+    p.add_argument("--n-per-label", type=_positive_int, default=1, help="derived maps per label map (1..10000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--magnitude", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="elastic displacement magnitude range (default 40 80; MONAI Rand3DElastic units)")
+    p.add_argument("--rotate", type=float, default=None, metavar="DEG",
+                   help="in-plane rotation, +- degrees (default 8)")
+    p.add_argument("--scale", type=float, default=None, help="relative size change per axis, +- (default 0.08)")
+    p.set_defaults(func=_cmd_derive)
 
     p = sub.add_parser("evaluate",
                        help="compare synthetic volumes with real ones (the paper's metrics) and write a report",
@@ -382,6 +402,8 @@ def _cmd_sample(a: argparse.Namespace) -> None:
         options["sample_compile"] = True
     if a.no_spade_cache:
         options["spade_cache"] = False
+    if a.with_real is not None and a.dataset is None:
+        raise UserError("--with-real adds real cases to an nnU-Net dataset: give --dataset DIR as well")
     ctx = init_distributed(a.device)  # under torchrun: each rank takes every world_size-th volume
     try:
         written = sample_to_folder(a.model, a.labels, a.out, n_per_label=a.n_per_label, sampler=a.sampler,
@@ -389,12 +411,32 @@ def _cmd_sample(a: argparse.Namespace) -> None:
                                    device=str(ctx.device), rank=ctx.rank, world_size=ctx.world_size,
                                    progress=ctx.is_main and not a.no_progress, options=options,
                                    overwrite=a.overwrite)
+        where = f" (rank {ctx.rank} of {ctx.world_size})" if ctx.enabled else ""
+        # one write per line: ranks share stdout, and print() sends text and newline apart, so lines interleave
+        sys.stdout.write(f"wrote {len(written)} volume(s) to {a.out}{where}\n")
+        sys.stdout.flush()
+        if a.dataset is not None:
+            ctx.barrier()  # every rank's volumes are written
+            if ctx.is_main:
+                from medlsdm.data.nnunet import write_nnunet_dataset
+                from medlsdm.pipeline import label_files
+                from medlsdm.runs import run_config
+
+                cfg = run_config(a.model).data
+                out = write_nnunet_dataset(a.out, label_files(a.labels), a.dataset, cfg, with_real=a.with_real,
+                                           overwrite=a.overwrite)
+                print(f"nnU-Net dataset written to {out} (cases.csv says which cases are synthetic)")
     finally:
         cleanup_distributed()
-    where = f" (rank {ctx.rank} of {ctx.world_size})" if ctx.enabled else ""
-    # one write per line: ranks share stdout, and print() sends text and newline apart, so lines interleave
-    sys.stdout.write(f"wrote {len(written)} volume(s) to {a.out}{where}\n")
-    sys.stdout.flush()
+
+
+def _cmd_derive(a: argparse.Namespace) -> None:
+    from medlsdm.data.derive import DeformConfig, derive_folder
+
+    given = dict(magnitude=tuple(a.magnitude) if a.magnitude else None, rotate_deg=a.rotate, scale=a.scale)
+    cfg = DeformConfig(**{k: v for k, v in given.items() if v is not None})
+    written = derive_folder(a.labels, a.out, n_per_label=a.n_per_label, seed=a.seed, cfg=cfg)
+    print(f"wrote {len(written)} derived label map(s) to {a.out} (settings and sources in derive_info.json)")
 
 
 def _cmd_export(a: argparse.Namespace) -> None:

@@ -412,3 +412,36 @@ def test_batching_changes_a_volume_only_by_float_rounding(
         a, b = nib.load(str(path)).get_fdata(), nib.load(str(tmp_path / "b3" / path.name)).get_fdata()
         assert np.abs(a - b).max() <= 0.5, path.name
         assert np.abs(a - b).max() < np.abs(a - np.roll(a, 1, axis=0)).max()  # not vacuous: volumes vary
+
+
+def test_sample_writes_an_nnunet_dataset_with_real_cases(tmp_path: Path, runs: dict[str, Path], phantoms: Path) -> None:
+    """sample --dataset: nnU-Net's raw layout and names, label maps on the image's grid with consecutive class
+    values, dataset.json from the model's classes, cases.csv marking synthetic and real cases, fresh headers."""
+    import csv
+
+    labels = phantoms / "labelsTs"
+    out, ds = tmp_path / "syn", tmp_path / "Dataset501_Synth"
+    assert main(["sample", "--model", str(runs["ldm"]), "--labels", str(labels), "--out", str(out), "--steps", "1",
+                 "--device", "cpu", "--no-progress", "--dataset", str(ds), "--with-real", str(phantoms)]) == 0
+    meta = json.loads((ds / "dataset.json").read_text())
+    real_ids = sorted(p.name.replace(".nii.gz", "") for p in (phantoms / "labelsTr").glob("*.nii.gz"))
+    syn = sorted(f"syn_{p.name.replace('.nii.gz', '')}_s0" for p in labels.glob("*.nii.gz"))
+    cases = sorted(syn + [f"real_{i}" for i in real_ids])
+    assert meta["channel_names"] == {"0": "CT"} and meta["file_ending"] == ".nii.gz"
+    assert meta["labels"] == {n: i for i, n in enumerate(["background", "body", "liver", "kidney", "spine", "lesion"])}
+    assert meta["numTraining"] == len(cases)
+    assert sorted(p.name for p in (ds / "imagesTr").iterdir()) == [f"{c}_0000.nii.gz" for c in cases]
+    assert sorted(p.name for p in (ds / "labelsTr").iterdir()) == [f"{c}.nii.gz" for c in cases]
+    rows = list(csv.DictReader((ds / "cases.csv").open()))
+    assert {r["case"]: r["kind"] for r in rows} == {c: "synthetic" if c.startswith("syn_") else "real" for c in cases}
+    for c in cases:
+        img, lab = nib.load(str(ds / "imagesTr" / f"{c}_0000.nii.gz")), nib.load(str(ds / "labelsTr" / f"{c}.nii.gz"))
+        assert img.shape == lab.shape and np.allclose(img.affine, lab.affine), c
+        assert set(np.unique(np.asanyarray(lab.dataobj))) <= set(range(6))
+        assert img.header["descrip"].tobytes().strip(b"\x00") == b"", c  # geometry-only header
+    first = sorted(labels.glob("*.nii.gz"))[0]
+    src = nib.load(str(first))
+    written = nib.load(str(ds / "labelsTr" / f"syn_{first.name.replace('.nii.gz', '')}_s0.nii.gz"))
+    assert np.array_equal(np.asanyarray(written.dataobj), np.rint(np.asanyarray(src.dataobj)))
+    assert main(["sample", "--model", str(runs["ldm"]), "--labels", str(labels), "--out", str(out), "--steps", "1",
+                 "--device", "cpu", "--no-progress", "--dataset", str(ds)]) == 2  # never over a dataset silently

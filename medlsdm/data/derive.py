@@ -1,0 +1,149 @@
+"""New label maps from the ones in hand (``medlsdm derive-labels``): seeded random elastic + affine deformations.
+
+Each derived map is its source label map warped by MONAI's ``Rand3DElastic`` (smooth displacement field plus a
+small rotation and scaling, nearest-neighbour so class values stay values) and kept only if its anatomy stays
+sane (:func:`check_topology`): every class of the source is still there, its volume within ``volume_range`` of
+the source's and it does not split into more than ``extra_components`` further connected pieces. A draw that
+fails is redrawn (from the same seeded stream), up to ``max_tries``.
+
+Arrays here are raw file arrays (X, Y, Z) with their affine: a derived map has its source's voxel grid.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from medlsdm.errors import UserError
+
+__all__ = ["DeformConfig", "derive_label_map", "check_topology", "count_components", "derive_folder"]
+
+
+@dataclass(frozen=True)
+class DeformConfig:
+    """How far a derived map may move from its source (voxel units; angles in degrees)."""
+
+    sigma: tuple[float, float] = (6.0, 8.0)  # smoothness of the displacement field (Gaussian sigma, voxels)
+    magnitude: tuple[float, float] = (40.0, 80.0)  # displacement magnitude before smoothing (MONAI's units)
+    rotate_deg: float = 8.0  # +- in-plane (about the slice axis); a quarter of it about the other two
+    scale: float = 0.08  # +- relative size change per axis
+    volume_range: tuple[float, float] = (0.6, 1.6)  # each class's volume vs its source's
+    extra_components: int = 1  # connected pieces a class may gain (6-connectivity)
+    max_tries: int = 20
+
+    def __post_init__(self) -> None:
+        lo, hi = self.volume_range
+        if not (0 < lo <= 1 <= hi) or self.extra_components < 0 or self.max_tries < 1:
+            raise UserError(f"derive-labels: volume_range must straddle 1, got {self.volume_range}; "
+                            "extra_components >= 0; max_tries >= 1")
+        if self.rotate_deg < 0 or not 0 <= self.scale < 1 or min(self.sigma) <= 0 or min(self.magnitude) < 0:
+            raise UserError("derive-labels: rotation >= 0, scale in [0, 1), sigma > 0 and magnitude >= 0")
+
+
+def count_components(mask: torch.Tensor, max_iter: int = 10_000) -> int:
+    """Connected components (6-connectivity) of a boolean (X, Y, Z) mask by label propagation with max-pooling
+    (written here because MONAI's connected-component helpers need scipy / scikit-image / cuCIM, none of which
+    medlsdm depends on)."""
+    mask = mask.bool()
+    if not bool(mask.any()):
+        return 0
+    lab = torch.where(mask, torch.arange(1, mask.numel() + 1, dtype=torch.float64).reshape(mask.shape), 0.0)
+    for _ in range(max_iter):  # every voxel takes the largest id among itself and its 6 neighbours in the mask
+        pad = F.pad(lab[None, None], (1, 1, 1, 1, 1, 1))[0, 0]
+        x, y, z = lab.shape
+        best = torch.stack([lab, pad[:-2, 1:-1, 1:-1], pad[2:, 1:-1, 1:-1], pad[1:-1, :-2, 1:-1],
+                            pad[1:-1, 2:, 1:-1], pad[1:-1, 1:-1, :-2], pad[1:-1, 1:-1, 2:]]).amax(0)
+        new = torch.where(mask, best, lab)
+        if torch.equal(new, lab):
+            break
+        lab = new
+    return int(torch.unique(lab[mask]).numel())
+
+
+def check_topology(source: np.ndarray, derived: np.ndarray, cfg: DeformConfig) -> str | None:
+    """None when ``derived`` keeps the source's anatomy (see module docstring), else why not (one line)."""
+    for c in (int(v) for v in np.unique(source) if v != 0):
+        a, b = int((source == c).sum()), int((derived == c).sum())
+        if b == 0:
+            return f"class {c} vanished"
+        if not cfg.volume_range[0] <= b / a <= cfg.volume_range[1]:
+            return f"class {c} volume x{b / a:.2f}"
+        ca, cb = count_components(torch.from_numpy(source == c)), count_components(torch.from_numpy(derived == c))
+        if cb > ca + cfg.extra_components:
+            return f"class {c} split into {cb} pieces (source {ca})"
+    return None
+
+
+def _deform(label: np.ndarray, cfg: DeformConfig, rng: np.random.Generator) -> np.ndarray:
+    from monai.transforms import Rand3DElastic
+
+    rot = math.radians(cfg.rotate_deg)
+    # full rotation in-plane (about the file's third, slice axis), a quarter of it out of plane: thick slices
+    # would turn small tilts into steps
+    warp = Rand3DElastic(sigma_range=cfg.sigma, magnitude_range=cfg.magnitude, prob=1.0,
+                         rotate_range=(rot / 4, rot / 4, rot), scale_range=(cfg.scale,) * 3, mode="nearest",
+                         padding_mode="border")  # a cropped field of view continues past its edge
+    warp.set_random_state(seed=int(rng.integers(0, 2**31 - 1)))
+    out = warp(torch.from_numpy(label.astype(np.float32))[None])
+    return np.asarray(out[0]).round().astype(label.dtype)
+
+
+def derive_label_map(label: np.ndarray, seed: int, cfg: DeformConfig = DeformConfig()) -> tuple[np.ndarray, int]:
+    """A derived (X, Y, Z) label map of ``label`` and the number of draws it took; the same seed gives the same
+    map. A UserError when no draw keeps the anatomy within ``cfg.max_tries``."""
+    rng = np.random.default_rng(seed)
+    why = ""
+    for attempt in range(1, cfg.max_tries + 1):
+        derived = _deform(label, cfg, rng)
+        why = check_topology(label, derived, cfg)
+        if why is None:
+            return derived, attempt
+    raise UserError(f"derive-labels: no deformation kept the anatomy in {cfg.max_tries} draws (last: {why}); "
+                    "lower the magnitude / rotation / scale")
+
+
+def derive_folder(labels: Path, out: Path, n_per_label: int = 1, seed: int = 0,
+                  cfg: DeformConfig = DeformConfig()) -> list[Path]:
+    """``<stem>_d<k>.nii.gz`` for every label map in ``labels`` (a file or folder): the source's affine and grid,
+    a fresh header, int16 values. ``out/derive_info.json`` records the settings and each map's source and seed."""
+    import json
+
+    import nibabel as nib
+
+    from medlsdm.data.checks import check_exists
+    from medlsdm.data.transforms import write_nifti
+    from medlsdm.io import atomic_write_text, folder_lock
+
+    labels, out = check_exists(labels), Path(out)
+    files = sorted(labels.glob("*.nii*")) if labels.is_dir() else [labels]
+    if not files:
+        raise UserError(f"{labels}: no NIfTI label maps (.nii / .nii.gz)")
+    if not 1 <= n_per_label <= 10_000:
+        raise UserError(f"--n-per-label must be 1..10000, got {n_per_label}")
+    if labels.is_dir() and out.resolve() == labels.resolve():
+        raise UserError(f"{out}: --out is the --labels folder; write derived maps elsewhere")
+    written, record = [], []
+    with folder_lock(out):
+        out.mkdir(parents=True, exist_ok=True)
+        for f in files:
+            img = nib.load(str(f))
+            source = np.rint(np.asanyarray(img.dataobj)).astype(np.int16)
+            if source.ndim != 3:
+                raise UserError(f"{f}: expected a 3D label map, got shape {source.shape}")
+            stem = f.name.split(".nii")[0]
+            for k in range(n_per_label):
+                s = zlib.crc32(f"{seed}:{f.name}:{k}".encode()) & 0x7FFFFFFF  # per map, whatever the order
+                derived, tries = derive_label_map(source, s, cfg)
+                target = out / f"{stem}_d{k}.nii.gz"
+                write_nifti(derived, img.affine, target)
+                written.append(target)
+                record.append(dict(file=target.name, source=f.name, seed=s, draws=tries))
+        atomic_write_text(out / "derive_info.json", json.dumps(dict(settings=asdict(cfg), seed=seed, maps=record),
+                                                               indent=2) + "\n")
+    return written
