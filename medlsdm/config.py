@@ -355,11 +355,19 @@ class SegConfig:
     epochs: int = 10  # one epoch = one random crop from every training volume
     steps: int = 0  # > 0 overrides epochs with a fixed number of optimiser steps
     pos_fraction: float = 0.5  # share of crops centred on foreground (RandCropByPosNegLabeld)
+    # crops centred on each class in these proportions (RandCropByLabelClassesd; one ratio per class, background
+    # first) instead of pos_fraction: small classes get seen; None keeps pos_fraction
+    class_ratios: list[float] | None = None
+    # what the network sees: "model" the volume as normalised for the models, "display" the modality's display
+    # window (CT soft tissue) mapped to [-1, 1], where organs differ by more than a few per cent of the range
+    input_window: Literal["model", "display"] = "model"
     sw_batch_size: int = 4
     sw_overlap: float = 0.25
 
     def __post_init__(self) -> None:
         s = _section("seg")
+        if self.class_ratios is not None and (any(r < 0 for r in self.class_ratios) or sum(self.class_ratios) <= 0):
+            raise _bad(f"{s}.class_ratios", "non-negative ratios, at least one above 0", self.class_ratios)
         _check_choices(self, s)
         if len(self.channels) < 2:
             raise _bad(f"{s}.channels", "at least two widths (one per U-Net level)", list(self.channels))

@@ -181,3 +181,45 @@ def test_augment_study_and_segtest_entry_points(data, cfg, tmp_path):
     assert set(res["table"]) == {"real train", "real test", "synthetic"}
     assert (tmp_path / "seg" / "segmenter.safetensors").is_file() and (tmp_path / "seg" / "dice.png").is_file()
     assert json.loads((tmp_path / "seg" / "segtest.json").read_text())["segmenter"]["steps"] == 3
+
+
+def test_every_dice_has_a_bootstrap_interval_and_the_ratio_one_too() -> None:
+    """Per-class and mean Dice carry a 95% interval over volumes; identical sets give a ratio of 1."""
+    labels = [_blocks() for _ in range(6)]
+    preds = []
+    for k, lab in enumerate(labels):  # class 2 segmented worse and worse from case to case
+        p = lab.clone()
+        p[:, 8:12, 16:24, 16:16 + 2 * k] = 0
+        preds.append(p)
+    d = dice_scores(preds, labels, C, load_config("tiny").data.label_names)
+    lo, hi = d["per_class_ci"]["liver"]
+    assert lo < d["per_class"]["liver"] < hi and hi - lo > 0.05  # varies across cases: a real interval
+    assert d["per_class_ci"]["body"] == [1.0, 1.0]  # perfect everywhere: no spread
+    assert d["mean_ci"][0] <= d["mean"] <= d["mean_ci"][1]
+    assert d["per_class_cases"]["kidney"] == [None] * 6  # absent class: no values, no interval
+    from medlsdm.evaluation.segmentation import dice_ratio
+
+    same = dice_ratio(d, d)
+    assert same["mean"]["ratio"] == pytest.approx(1.0) and same["mean"]["lo"] <= 1.0 <= same["mean"]["hi"]
+    assert same["kidney"]["ratio"] is None
+
+
+def test_display_window_input_and_class_balanced_crops() -> None:
+    """seg.input_window: display maps the CT soft-tissue window onto [-1, 1]; seg.class_ratios centres crops on
+    the classes asked for (here only class 2, a small box), so every crop holds it."""
+    from medlsdm.evaluation.segmentation import _crop, _cropper, seg_input
+
+    cfg = load_config("tiny", {"data": {"shape": list(SHAPE), "spacing": None},
+                               "seg": {"input_window": "display", "class_ratios": [0, 0, 1, 0, 0, 0],
+                                       "patch": [8, 8, 8]}})
+    x = torch.tensor([-1.0, -0.16, 0.04, 0.24, 1.0])  # -1000, -160, 40, 240, 1000 HU
+    assert torch.allclose(seg_input(x, cfg), torch.tensor([-1.0, -1.0, 0.0, 1.0, 1.0]), atol=1e-6)
+    plain = load_config("tiny", {"data": {"shape": list(SHAPE), "spacing": None}})
+    assert torch.equal(seg_input(x, plain), x)
+    crop, lab = _cropper(cfg, (8, 8, 8), seed=0), _blocks()
+    for _ in range(10):
+        _, y = _crop(crop, torch.zeros_like(lab, dtype=torch.float32), lab)
+        assert y.shape[1:] == (8, 8, 8) and bool((y == 2).any())
+    with pytest.raises(UserError, match="class_ratios has 2 ratios for 6 classes"):
+        bad = load_config("tiny", {"seg": {"class_ratios": [1, 1]}})
+        _cropper(bad, (8, 8, 8), 0)

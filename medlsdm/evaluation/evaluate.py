@@ -185,8 +185,8 @@ def evaluate(
             metrics["notes"].append("Dice protocol skipped: the real volumes have no label maps")
 
     if "domain" in kinds:
-        extractors["domain"] = DomainFeatures(segmentation_encoder(segmenter), seg_info["sha256"], name=DOMAIN_NAME,
-                                              weights_path=seg_info.get("weights"), device=dev)
+        extractors["domain"] = DomainFeatures(segmentation_encoder(segmenter, cfg), seg_info["sha256"],
+                                              name=DOMAIN_NAME, weights_path=seg_info.get("weights"), device=dev)
     metrics["fid"] = {kind: fid_scores(real_set, synth_set, extractors[kind]) for kind in kinds}
 
     if train_set is not None and privacy:

@@ -214,11 +214,27 @@ def _fid_section(fid: dict) -> list[str]:
 def _dice_section(dice: dict) -> list[str]:
     table = dice["table"]
     classes = list(next(iter(table.values()))["per_class"])
-    rows = [[row, v["n"], v["mean"], *[v["per_class"][c] for c in classes]] for row, v in table.items()]
+
+    def cell(value, ci) -> str:  # "0.912 [0.88, 0.94]": the 95% bootstrap interval over volumes
+        if value is None:
+            return "-"
+        return f"{value:.3f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci and ci[0] is not None else "")
+
+    rows = [[row, v["n"], cell(v["mean"], v.get("mean_ci")),
+             *[cell(v["per_class"][c], v.get("per_class_ci", {}).get(c)) for c in classes]] for row, v in table.items()]
     out = ["## Dice protocol (paper Table 2)", "",
            "A segmentation network (Appendix B) trained on the real training set segments each data source; "
-           "Dice is averaged over the foreground classes (background excluded).", "",
+           "Dice is averaged over the foreground classes (background excluded); brackets: 95% bootstrap interval "
+           "over volumes.", "",
            *_table(["data", "volumes", "mean Dice", *classes], rows)]
+    ratio = dice.get("ratio")
+    if ratio:
+        def r(x: dict) -> str:
+            return "-" if x["ratio"] is None else f"{x['ratio']:.2f} [{x['lo']:.2f}, {x['hi']:.2f}]"
+
+        out += ["Synthetic / real-test Dice (1 = the segmenter finds the anatomy in synthetic volumes as well as "
+                "in real ones):", "", *_table(["mean", *classes], [[r(ratio["mean"]), *[r(ratio[c]) for c in classes
+                                                                                    if c in ratio]]])]
     seg = dice.get("segmenter")
     if seg and "steps" in seg:
         out += [f"Segmenter: {seg['steps']} steps ({seg['epochs']} epochs) on {seg['n_volumes']} volumes, patch "

@@ -27,13 +27,15 @@ from monai.networks.layers import Norm
 from monai.networks.nets import UNet
 from monai.networks.nets.unet import SkipConnection
 from monai.networks.utils import one_hot
-from monai.transforms import RandCropByPosNegLabeld, RandSpatialCropd
+from monai.transforms import RandCropByLabelClassesd, RandCropByPosNegLabeld, RandSpatialCropd
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from medlsdm.config import Config
+from medlsdm.data.display import display_window, to_window
 from medlsdm.errors import UserError
 from medlsdm.evaluation.pairing import VolumeSet
+from medlsdm.evaluation.stats import bootstrap_mean, bootstrap_ratio
 from medlsdm.io import file_sha256, load_into, save_weights
 
 
@@ -73,9 +75,27 @@ def _check_volumes(images: Sequence[Tensor], labels: Sequence[Tensor | None], wh
         raise UserError(f"{what}: every volume needs its label map for the Dice protocol")
 
 
+def seg_input(x: Tensor, cfg: Config) -> Tensor:
+    """What the segmenter sees (``seg.input_window``): the volume as is, or its display window mapped to [-1, 1]
+    (any shape; MR windows come from each volume's own percentiles)."""
+    if cfg.seg.input_window == "model":
+        return x
+    if x.ndim == 5:
+        return torch.stack([seg_input(v, cfg) for v in x])
+    lo, hi = display_window(cfg.data, x)
+    return to_window(x, lo, hi) * 2 - 1
+
+
 def _cropper(cfg: Config, patch: tuple[int, int, int], seed: int):
     pos = float(cfg.seg.pos_fraction)
-    if pos <= 0:
+    if cfg.seg.class_ratios is not None:
+        ratios = list(cfg.seg.class_ratios)
+        if len(ratios) != cfg.data.num_classes:
+            raise UserError(f"config: seg.class_ratios has {len(ratios)} ratios for {cfg.data.num_classes} classes")
+        crop = RandCropByLabelClassesd(keys=["image", "label"], label_key="label", spatial_size=patch, ratios=ratios,
+                                       num_classes=cfg.data.num_classes, num_samples=1, allow_smaller=True,
+                                       warn=False)
+    elif pos <= 0:
         crop = RandSpatialCropd(keys=["image", "label"], roi_size=patch, random_size=False)
     else:  # negative crops are centred inside the body (image above air), not in empty background
         crop = RandCropByPosNegLabeld(keys=["image", "label"], label_key="label", spatial_size=patch, pos=pos,
@@ -122,7 +142,7 @@ def train_segmenter(
     for step in tqdm(range(steps), desc="segmenter", disable=not progress):
         if len(order) < cfg.seg.batch_size:  # shuffled passes over the volumes (epochs)
             order += [int(i) for i in rng.permutation(len(images))]
-        batch = [_crop(crop, images[i], labels[i]) for i in order[: cfg.seg.batch_size]]
+        batch = [_crop(crop, seg_input(images[i], cfg), labels[i]) for i in order[: cfg.seg.batch_size]]
         del order[: cfg.seg.batch_size]
         x = torch.stack([b[0] for b in batch]).to(device)
         y = torch.stack([b[1] for b in batch]).to(device)
@@ -156,8 +176,8 @@ def load_segmenter(path: Path, cfg: Config, device: str | torch.device = "cpu") 
 @torch.no_grad()
 def predict(model: nn.Module, image: Tensor, cfg: Config, device: str | torch.device = "cpu") -> Tensor:
     """(1, D, H, W) image -> (1, D, H, W) predicted class indices (sliding window, roi = the patch)."""
-    logits = sliding_window_inference(image[None].to(device), effective_patch(cfg), cfg.seg.sw_batch_size, model,
-                                      overlap=cfg.seg.sw_overlap, mode="gaussian")
+    logits = sliding_window_inference(seg_input(image, cfg)[None].to(device), effective_patch(cfg),
+                                      cfg.seg.sw_batch_size, model, overlap=cfg.seg.sw_overlap, mode="gaussian")
     return logits.argmax(1).cpu()
 
 
@@ -179,11 +199,27 @@ def dice_scores(preds: Sequence[Tensor], labels: Sequence[Tensor], num_classes: 
     per_class = torch.nanmean(scores, dim=0)
     finite = ~torch.isnan(per_class)
     case_means = [float(torch.nanmean(r)) if bool((~torch.isnan(r)).any()) else None for r in scores]
+    cols = {names[c + 1]: [None if math.isnan(v) else float(v) for v in scores[:, c].tolist()]
+            for c in range(num_classes - 1)}
+    ci = {n: bootstrap_mean(v) for n, v in cols.items()}
+    mean_ci = bootstrap_mean(case_means)
     return dict(
         per_class={names[c + 1]: (float(per_class[c]) if finite[c] else None) for c in range(num_classes - 1)},
         mean=float(per_class[finite].mean()) if bool(finite.any()) else float("nan"),
         per_case=case_means,
+        per_class_cases=cols,  # Dice per case (NaN where the class is absent), for intervals and ratios
+        per_class_ci={n: [c["lo"], c["hi"]] for n, c in ci.items()},  # 95% bootstrap over cases
+        mean_ci=[mean_ci["lo"], mean_ci["hi"]],  # 95% bootstrap over the per-case means
     )
+
+
+def dice_ratio(synthetic: dict, real: dict) -> dict:
+    """Dice on synthetic volumes over Dice on real test volumes (the paper's "can a segmenter tell" ratio), for
+    the mean and per class, each with a 95% bootstrap interval (the two sets resampled independently)."""
+    out = {"mean": bootstrap_ratio(synthetic["per_case"], real["per_case"])}
+    for name in real.get("per_class_cases", {}):
+        out[name] = bootstrap_ratio(synthetic["per_class_cases"].get(name, []), real["per_class_cases"][name])
+    return out
 
 
 def evaluate_dice(model: nn.Module, images: Sequence[Tensor], labels: Sequence[Tensor], cfg: Config,
@@ -213,6 +249,7 @@ def dice_protocol(real_train: VolumeSet, real_test: VolumeSet, synthetic: Volume
              "real test": evaluate_dice(model, real_test.images, real_test.labels, cfg, device)}
     if synthetic is not None and len(synthetic):
         table["synthetic"] = evaluate_dice(model, synthetic.images, synthetic.labels, cfg, device)
+        return dict(table=table, segmenter=info, ratio=dice_ratio(table["synthetic"], table["real test"]))
     return dict(table=table, segmenter=info)
 
 
@@ -222,8 +259,9 @@ class UNetEncoder(nn.Module):
     ``levels(x)`` returns the feature map of every level, finest first.
     """
 
-    def __init__(self, unet: UNet) -> None:
+    def __init__(self, unet: UNet, cfg: Config | None = None) -> None:
         super().__init__()
+        self.cfg = cfg  # seg.input_window: the encoder sees what the segmenter saw
         stages, block = [], unet.model
         while isinstance(block, nn.Sequential) and len(block) == 3 and isinstance(block[1], SkipConnection):
             stages.append(block[0])
@@ -233,6 +271,7 @@ class UNetEncoder(nn.Module):
         self.out_channels = int(unet.channels[-1])
 
     def levels(self, x: Tensor) -> list[Tensor]:
+        x = x if self.cfg is None else seg_input(x, self.cfg)
         feats = []
         for stage in self.stages:
             x = stage(x)
@@ -243,9 +282,10 @@ class UNetEncoder(nn.Module):
         return self.levels(x)[-1]
 
 
-def segmentation_encoder(model: UNet) -> UNetEncoder:
-    """The down path of a trained segmenter, frozen and in eval mode, for the domain feature extractor."""
-    enc = UNetEncoder(model).eval()
+def segmentation_encoder(model: UNet, cfg: Config | None = None) -> UNetEncoder:
+    """The down path of a trained segmenter, frozen and in eval mode, for the domain feature extractor (``cfg``:
+    the segmenter's config, so that its input window is applied)."""
+    enc = UNetEncoder(model, cfg).eval()
     for p in enc.parameters():
         p.requires_grad_(False)
     return enc
