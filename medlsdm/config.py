@@ -358,6 +358,10 @@ class SegConfig:
     # crops centred on each class in these proportions (RandCropByLabelClassesd; one ratio per class, background
     # first) instead of pos_fraction: small classes get seen; None keeps pos_fraction
     class_ratios: list[float] | None = None
+    # without class_ratios: "inverse_sqrt" centres crops on each class c in proportion to
+    # min(4, sqrt(largest class share / share of c)) in the training labels (background 0.5): small classes are
+    # seen up to 4x as often as large ones; "none" keeps pos_fraction
+    crop_balance: Literal["none", "inverse_sqrt"] = "none"
     # what the network sees: "model" the volume as normalised for the models, "display" the modality's display
     # window (CT soft tissue) mapped to [-1, 1], where organs differ by more than a few per cent of the range
     input_window: Literal["model", "display"] = "model"

@@ -64,7 +64,7 @@ EXPECTED_CHOICES = {
     "data.modality", "data.resize_mode", "vqgan.codebook_update", "vqgan.upsample", "vqgan.perceptual_backbone",
     "vqgan.gan_loss", "vqgan.feature_match_reduction", "ldm.method", "ldm.depth_positions", "ldm.schedule",
     "ldm.objective", "ldm.loss", "ldm.latent_norm", "ldm.sampler", "ldm.sample_precision", "train_vqgan.precision",
-    "train_ldm.precision",
+    "train_ldm.precision", "seg.input_window", "seg.crop_balance",
 }
 
 
@@ -220,7 +220,7 @@ RANGES = [
     ("train_ldm.val_fraction", 1.0), ("train_ldm.val_fraction", -0.1), ("train_ldm.preview_steps", -1),
     # seg
     ("seg.channels", [8]), ("seg.channels", [8, 0, 32]), ("seg.num_res_units", -1), ("seg.patch", [16, 0, 32]),
-    ("seg.batch_size", 0), ("seg.lr", 0.0), ("seg.epochs", -1), ("seg.epochs", 0), ("seg.steps", -1),
+    ("seg.batch_size", 0), ("seg.lr", 0.0), ("seg.epochs", -1), ("seg.steps", -1),
     ("seg.pos_fraction", 1.5), ("seg.sw_batch_size", 0), ("seg.sw_overlap", 1.0),
     # top level
     ("seed", -1),
@@ -231,6 +231,10 @@ RANGES = [
 def test_impossible_values_stop_at_load(key, value):
     message = load_error(nested(key, value))
     assert key in message
+
+
+def test_zero_epochs_need_a_fixed_number_of_steps():
+    assert "'seg.epochs' must be >= 1 when seg.steps is 0" in load_error({"seg": {"epochs": 0, "steps": 0}})
 
 
 def test_the_section_of_a_training_stage_is_named():

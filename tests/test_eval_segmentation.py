@@ -98,7 +98,7 @@ def test_evaluate_dice_through_the_sliding_window(cfg):
     labels = [torch.from_numpy(rng.integers(0, C, size=(1, *SHAPE))) for _ in range(2)]
     images = [lab.float() / (C - 1) * 2 - 1 for lab in labels]
     small = load_config("tiny", {"data": {"shape": list(SHAPE), "spacing": None},  # 8 windows
-                                 "seg": {"patch": [8, 16, 16]}})
+                                 "seg": {"patch": [8, 16, 16], "input_window": "model"}})  # the oracle reads HU
     assert torch.equal(predict(_Oracle(), images[0], small), labels[0])
     assert evaluate_dice(_Oracle(), images, labels, small)["mean"] == pytest.approx(1.0)
     assert evaluate_dice(_Oracle(shift=1), images, labels, small)["mean"] == pytest.approx(0.0)
@@ -214,7 +214,7 @@ def test_display_window_input_and_class_balanced_crops() -> None:
                                        "patch": [8, 8, 8]}})
     x = torch.tensor([-1.0, -0.16, 0.04, 0.24, 1.0])  # -1000, -160, 40, 240, 1000 HU
     assert torch.allclose(seg_input(x, cfg), torch.tensor([-1.0, -1.0, 0.0, 1.0, 1.0]), atol=1e-6)
-    plain = load_config("tiny", {"data": {"shape": list(SHAPE), "spacing": None}})
+    plain = load_config("tiny", {"data": {"shape": list(SHAPE), "spacing": None}, "seg": {"input_window": "model"}})
     assert torch.equal(seg_input(x, plain), x)
     crop, lab = _cropper(cfg, (8, 8, 8), seed=0), _blocks()
     for _ in range(10):

@@ -36,3 +36,13 @@ def test_paired_gain_sees_a_small_consistent_gain_that_unpaired_spread_would_hid
     assert gain["mean"] == pytest.approx(0.02) and gain["lo"] > 0.015
     with pytest.raises(ValueError):
         paired_gain([1.0], [1.0, 2.0])
+
+
+def test_class_mean_interval_is_around_the_same_statistic() -> None:
+    """The mean over classes of per-class means (absent classes skipped) and an interval that contains it."""
+    from medlsdm.evaluation.stats import bootstrap_class_mean
+
+    rows = [[0.9, None], [0.8, 0.2], [0.95, None], [0.85, 0.4]]
+    r = bootstrap_class_mean(rows)
+    assert r["mean"] == pytest.approx((0.875 + 0.3) / 2) and r["lo"] <= r["mean"] <= r["hi"] and r["n"] == 4
+    assert bootstrap_class_mean([[None, None]])["mean"] is None

@@ -35,7 +35,7 @@ from medlsdm.config import Config
 from medlsdm.data.display import display_window, to_window
 from medlsdm.errors import UserError
 from medlsdm.evaluation.pairing import VolumeSet
-from medlsdm.evaluation.stats import bootstrap_mean, bootstrap_ratio
+from medlsdm.evaluation.stats import bootstrap_class_mean, bootstrap_mean, bootstrap_ratio
 from medlsdm.io import file_sha256, load_into, save_weights
 
 
@@ -86,10 +86,28 @@ def seg_input(x: Tensor, cfg: Config) -> Tensor:
     return to_window(x, lo, hi) * 2 - 1
 
 
-def _cropper(cfg: Config, patch: tuple[int, int, int], seed: int):
-    pos = float(cfg.seg.pos_fraction)
+MAX_CROP_BOOST = 4.0
+
+
+def crop_ratios(cfg: Config, labels: Sequence[Tensor]) -> list[float] | None:
+    """Per-class crop-centre ratios: ``seg.class_ratios`` when given, else (``seg.crop_balance: inverse_sqrt``)
+    background 0.5 and each foreground class min(4, sqrt(largest share / its share)) in ``labels``; else None."""
     if cfg.seg.class_ratios is not None:
-        ratios = list(cfg.seg.class_ratios)
+        return list(cfg.seg.class_ratios)
+    if cfg.seg.crop_balance == "none":
+        return None
+    counts = torch.zeros(cfg.data.num_classes, dtype=torch.float64)
+    for lab in labels:
+        counts += torch.bincount(lab.flatten().long(), minlength=cfg.data.num_classes)[: cfg.data.num_classes]
+    fg = counts[1:]
+    top = float(fg.max()) if bool((fg > 0).any()) else 1.0
+    return [0.5] + [min(MAX_CROP_BOOST, math.sqrt(top / float(c))) if c > 0 else 0.0 for c in fg]
+
+
+def _cropper(cfg: Config, patch: tuple[int, int, int], seed: int, ratios: list[float] | None = None):
+    pos = float(cfg.seg.pos_fraction)
+    ratios = list(cfg.seg.class_ratios) if ratios is None and cfg.seg.class_ratios is not None else ratios
+    if ratios is not None:
         if len(ratios) != cfg.data.num_classes:
             raise UserError(f"config: seg.class_ratios has {len(ratios)} ratios for {cfg.data.num_classes} classes")
         crop = RandCropByLabelClassesd(keys=["image", "label"], label_key="label", spatial_size=patch, ratios=ratios,
@@ -135,7 +153,8 @@ def train_segmenter(
     model = build_segmenter(cfg).to(device)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.seg.lr)
-    crop, rng = _cropper(cfg, patch, seed), np.random.default_rng(seed)
+    ratios = crop_ratios(cfg, labels)
+    crop, rng = _cropper(cfg, patch, seed, ratios), np.random.default_rng(seed)
     order: list[int] = []
     curve, start = [], time.perf_counter()
     model.train()
@@ -153,6 +172,8 @@ def train_segmenter(
         curve.append(float(loss.detach()))
     model.eval()
     info = dict(steps=steps, epochs=round(steps / per_epoch, 2), n_volumes=len(images), patch=list(patch),
+                crop_ratios=None if ratios is None else [round(r, 3) for r in ratios],
+                input_window=cfg.seg.input_window,
                 batch_size=cfg.seg.batch_size, lr=cfg.seg.lr, seed=seed, seconds=round(time.perf_counter() - start, 2),
                 first_loss=curve[0], final_loss=float(np.mean(curve[-max(1, len(curve) // 10):])),
                 parameters=sum(p.numel() for p in model.parameters()), weights=None)
@@ -202,14 +223,14 @@ def dice_scores(preds: Sequence[Tensor], labels: Sequence[Tensor], num_classes: 
     cols = {names[c + 1]: [None if math.isnan(v) else float(v) for v in scores[:, c].tolist()]
             for c in range(num_classes - 1)}
     ci = {n: bootstrap_mean(v) for n, v in cols.items()}
-    mean_ci = bootstrap_mean(case_means)
+    mean_ci = bootstrap_class_mean([list(r) for r in zip(*cols.values())])  # the same statistic as "mean"
     return dict(
         per_class={names[c + 1]: (float(per_class[c]) if finite[c] else None) for c in range(num_classes - 1)},
         mean=float(per_class[finite].mean()) if bool(finite.any()) else float("nan"),
         per_case=case_means,
         per_class_cases=cols,  # Dice per case (NaN where the class is absent), for intervals and ratios
         per_class_ci={n: [c["lo"], c["hi"]] for n, c in ci.items()},  # 95% bootstrap over cases
-        mean_ci=[mean_ci["lo"], mean_ci["hi"]],  # 95% bootstrap over the per-case means
+        mean_ci=[mean_ci["lo"], mean_ci["hi"]],  # 95% bootstrap, whole volumes resampled
     )
 
 

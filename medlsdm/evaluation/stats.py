@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["bootstrap_mean", "bootstrap_ratio", "paired_gain"]
+__all__ = ["bootstrap_mean", "bootstrap_ratio", "bootstrap_class_mean", "paired_gain"]
 
 N_RESAMPLES = 2000
 
@@ -58,3 +58,23 @@ def paired_gain(with_: Sequence[float], without: Sequence[float], level: float =
     if len(with_) != len(without):
         raise ValueError(f"paired_gain: {len(with_)} vs {len(without)} values")
     return bootstrap_mean([a - b for a, b in zip(with_, without)], level, n, seed)
+
+
+def bootstrap_class_mean(rows: Sequence[Sequence[float | None]], level: float = 0.95, n: int = N_RESAMPLES,
+                         seed: int = 0) -> dict:
+    """The mean over classes of each class's mean over volumes (a volume without a class does not count for it),
+    with a bootstrap interval resampling whole volumes (``rows``: one row per volume, one column per class,
+    None / NaN where absent): ``dict(mean, lo, hi, n)``."""
+    x = np.array([[np.nan if v is None else v for v in row] for row in rows], dtype=np.float64)
+    if x.size == 0 or np.isnan(x).all():
+        return dict(mean=None, lo=None, hi=None, n=0)
+
+    def stat(m: np.ndarray) -> float:
+        present = ~np.isnan(m).all(axis=0)
+        return float(np.mean([np.nanmean(m[:, c]) for c in np.flatnonzero(present)]))
+
+    rng = np.random.default_rng(seed)
+    stats = [stat(x[rng.integers(0, len(x), size=len(x))]) for _ in range(n)]
+    tail = 100 * (1 - level) / 2
+    return dict(mean=stat(x), lo=float(np.percentile(stats, tail)), hi=float(np.percentile(stats, 100 - tail)),
+                n=int(len(x)))

@@ -1,0 +1,76 @@
+"""Can the Dice-protocol segmenter tell? Real held-out Dice per class (95% bootstrap intervals) for settings of the
+tiny preset's segmenter, on the 60-phantom set of bench/vqgan.py (48 training, 12 test volumes).
+
+    python bench/segmenter.py
+
+Variants: the old tiny setting (8-16-32 U-Net, 120 steps, the model's -1000..1000 HU input), the display-window
+input alone, with equal class-balanced crops, and with inverse-square-root class-balanced crops (the new default).
+Writes the `segmenter` section of BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+
+from _common import command_line, header, write_section
+from vqgan import phantoms
+
+from medlsdm.config import load_config
+from medlsdm.evaluation.pairing import load_real
+from medlsdm.evaluation.segmentation import evaluate_dice, train_segmenter
+
+BIG = dict(channels=(16, 32, 64, 128), patch=(16, 32, 32), batch_size=4, steps=1200, lr=2e-3)
+VARIANTS = {
+    "old tiny (8-16-32, 120 steps, model input)": dict(channels=(8, 16, 32), patch=(16, 32, 32), batch_size=4,
+                                                       lr=1e-3, epochs=10, steps=0, input_window="model",
+                                                       crop_balance="none"),
+    "16-128, 1200 steps, display window": dict(BIG, input_window="display", crop_balance="none"),
+    "+ equal class crops": dict(BIG, input_window="display", class_ratios=[0.5, 1, 1, 1, 1, 1]),
+    "+ inverse-sqrt class crops (default)": dict(BIG, input_window="display", crop_balance="inverse_sqrt"),
+}
+
+
+def ci(d: dict, name: str | None = None) -> str:
+    value, bounds = (d["mean"], d["mean_ci"]) if name is None else (d["per_class"][name], d["per_class_ci"][name])
+    return "-" if value is None else f"{value:.3f} [{bounds[0]:.2f}, {bounds[1]:.2f}]"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", type=int, default=60)
+    args = ap.parse_args()
+    base = load_config("tiny")
+    data = phantoms(args.cases, base.data.shape)
+    train = load_real(data, base.data, "train", need_labels=True)
+    test = load_real(data, base.data, "test", need_labels=True)
+    names = list(base.data.label_names[1:])
+    rows = ["| setting | train s | steps | mean | " + " | ".join(names) + " |", "|---" * (len(names) + 4) + "|"]
+    for label, spec in VARIANTS.items():
+        cfg = dataclasses.replace(base, seg=dataclasses.replace(base.seg, **spec))
+        t = time.perf_counter()
+        model, info = train_segmenter(train.images, train.labels, cfg, seed=0)
+        seconds = time.perf_counter() - t
+        d = evaluate_dice(model, test.images, test.labels, cfg)
+        rows.append(f"| {label} | {seconds:.0f} | {info['steps']} | **{ci(d)}** | "
+                    + " | ".join(ci(d, n) for n in names) + " |")
+        print(rows[-1], flush=True)
+    md = "\n".join([
+        "## segmenter: real held-out Dice of the Dice-protocol network (tiny preset)", "",
+        header(command_line()),
+        f"Phantoms: {len(train.images)} training and {len(test.images)} test volumes ({data.name}, lesions hypo- or "
+        "hyperdense at random). Dice on the real test volumes, foreground classes; brackets: 95% bootstrap "
+        "interval over volumes (a class counts only in volumes that have it; the lesion is in 8 of 12).", "",
+        *rows, "",
+        "The display window (-160..240 HU mapped to [-1, 1]) lets the network see soft tissue, where kidney and "
+        "liver differ by a few per cent of the -1000..1000 HU model range; class-balanced crops let it see the "
+        "lesion. The lesion stays below the 0.6 target: the two smallest test lesions (127 and 172 voxels) are "
+        "missed, the larger ones reach 0.4-0.8.",
+    ])
+    write_section("segmenter", md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
