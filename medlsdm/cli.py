@@ -281,16 +281,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("augment-study",
                        help="does synthetic data help? segmentation Dice with and without it, over seeds",
-                       description="Train the segmenter on a small real subset, and on that subset plus synthetic "
-                                   "volumes; "
-                                   "Dice on the real test set, mean and spread over seeds.")
+                       description="Train the segmenter on a small real subset alone, with classical augmentation, "
+                                   "plus synthetic volumes from training label maps and (--synthetic-new) plus "
+                                   "synthetic volumes from new label maps; Dice on the real test set over seeds, "
+                                   "paired gains with 95% intervals.")
     p.add_argument("--real", type=Path, required=True,
                    help="labelled data set (training split sampled, test split evaluated)")
     p.add_argument("--synthetic", type=Path, required=True,
                    help="synthetic volumes generated from training (not test) label maps")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--n-real", type=_positive_int, default=4, help="size of the small real subset")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--synthetic-new", type=Path, default=None,
+                   help="synthetic volumes generated from new label maps (medlsdm derive-labels): a fourth arm")
+    p.add_argument("--new-labels", type=Path, default=None, help="the derived label maps of --synthetic-new")
+    p.add_argument("--no-classical", action="store_true", help="leave out the classical-augmentation arm")
     _add_config(p)
     p.add_argument("--steps", type=_positive_int, default=None)
     p.add_argument("--device", type=_device, default="auto")
@@ -467,7 +472,8 @@ def _cmd_augment(a: argparse.Namespace) -> None:
     from medlsdm.evaluation.studies import run_augment_study
 
     run_augment_study(a.real, a.synthetic, a.out, cfg=_config_for(a, a.real), n_real=a.n_real, seeds=a.seeds,
-                      steps=a.steps, device=a.device)
+                      steps=a.steps, device=a.device, synthetic_new=a.synthetic_new, new_labels=a.new_labels,
+                      classical=not a.no_classical)
     print(f"augmentation study written to {a.out / 'augment.json'}")
 
 

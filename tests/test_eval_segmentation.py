@@ -151,14 +151,14 @@ def test_too_few_inputs_are_user_errors(cfg):
         train_segmenter([torch.zeros(1, 16, 32, 30)], [torch.zeros(1, 16, 32, 30, dtype=torch.long)], bad, steps=1)
 
 
-def _write_synthetic(folder: Path, images: list[Path], noise: float = 40.0) -> None:
+def _write_synthetic(folder: Path, images: list[Path], noise: float = 40.0, names: list[str] | None = None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(1)
-    for f in images:
+    for k, f in enumerate(images):
         img = nib.load(f)
         a = img.get_fdata().astype(np.float32)
-        nib.save(nib.Nifti1Image(a + rng.normal(0, noise, a.shape).astype(np.float32), img.affine),
-                 folder / f.name.replace("_0000.nii.gz", "_s0.nii.gz"))
+        name = names[k] if names else f.name.replace("_0000.nii.gz", "_s0.nii.gz")
+        nib.save(nib.Nifti1Image(a + rng.normal(0, noise, a.shape).astype(np.float32), img.affine), folder / name)
 
 
 def test_augment_study_and_segtest_entry_points(data, cfg, tmp_path):
@@ -171,6 +171,21 @@ def test_augment_study_and_segtest_entry_points(data, cfg, tmp_path):
     assert study["gain"] == pytest.approx(study["real_plus_synthetic"]["mean"] - study["real_only"]["mean"])
     assert json.loads((tmp_path / "aug" / "augment.json").read_text())["n_real"] == 2
     assert (tmp_path / "aug" / "augment.png").stat().st_size > 0
+    # four arms: + classical augmentation, + synthetic from new (derived) label maps; gains paired by seed
+    from medlsdm.data.derive import derive_folder
+
+    new_labels = tmp_path / "new_labels"
+    derive_folder(sorted((data / "labelsTr").glob("*.nii.gz"))[0], new_labels, n_per_label=2, seed=0)
+    _write_synthetic(tmp_path / "syn_new", [sorted((data / "imagesTr").glob("*.nii.gz"))[0]] * 2,
+                     names=[p.name.replace(".nii.gz", "_s0.nii.gz") for p in sorted(new_labels.glob("*.nii.gz"))])
+    study = run_augment_study(data, tmp_path / "syn_tr", tmp_path / "aug4", cfg, n_real=2, seeds=(0, 1), steps=4,
+                              progress=False, synthetic_new=tmp_path / "syn_new", new_labels=new_labels)
+    assert study["arms"] == ["real_only", "real_classical", "real_plus_synthetic", "real_plus_new"]
+    assert study["n_new"] == 2
+    for arm in study["arms"][1:]:
+        g = study["gains"][arm]
+        assert g["mean"] == pytest.approx(study[arm]["mean"] - study["real_only"]["mean"]) and g["n"] == 2
+    assert set(study["synthetic_vs_classical"]) == {"real_plus_synthetic", "real_plus_new"}
 
     _write_synthetic(tmp_path / "syn_ts", sorted((data / "imagesTs").glob("*.nii.gz")))
     with pytest.raises(UserError, match="leak"):  # synthetic volumes of test label maps may not train the net

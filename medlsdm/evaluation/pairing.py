@@ -154,9 +154,10 @@ def load_synthetic(folder: str | Path, real: list[Case], real_set: VolumeSet, cf
     out, partner = VolumeSet(spacing=real_set.spacing), []
     for path, i in pair_synthetic(folder, real, require_all):
         image, _ = load_image(path, cfg)
-        if image.shape != real_set.images[i].shape:
+        ref = real_set.images[i] if real_set.images[i] is not None else real_set.labels[i]  # a label map alone
+        if image.shape != ref.shape:
             raise UserError(f"{path}: preprocessed shape {tuple(image.shape)} differs from its real partner's "
-                            f"{tuple(real_set.images[i].shape)}")
+                            f"{tuple(ref.shape)}")
         out.ids.append(_NIFTI.sub("", path.name))
         out.images.append(image)
         out.labels.append(real_set.labels[i])

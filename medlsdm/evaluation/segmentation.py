@@ -35,7 +35,7 @@ from medlsdm.config import Config
 from medlsdm.data.display import display_window, to_window
 from medlsdm.errors import UserError
 from medlsdm.evaluation.pairing import VolumeSet
-from medlsdm.evaluation.stats import bootstrap_class_mean, bootstrap_mean, bootstrap_ratio
+from medlsdm.evaluation.stats import bootstrap_class_mean, bootstrap_mean, bootstrap_ratio, paired_gain
 from medlsdm.io import file_sha256, load_into, save_weights
 
 
@@ -129,10 +129,37 @@ def _crop(crop, image: Tensor, label: Tensor) -> tuple[Tensor, Tensor]:
     return torch.as_tensor(out["image"]), torch.as_tensor(out["label"])
 
 
+def classical_augmentation(seed: int):
+    """The classical baseline of the augmentation study, applied to each training crop: MONAI's random affine
+    (rotation +-0.2 rad, scale +-10 %) with a random elastic component, Gaussian noise and intensity scale / shift.
+    Seeded."""
+    from monai.transforms import (
+        Compose,
+        Rand3DElasticd,
+        RandAffined,
+        RandGaussianNoised,
+        RandScaleIntensityd,
+        RandShiftIntensityd,
+    )
+
+    keys = ["image", "label"]
+    aug = Compose([
+        RandAffined(keys, prob=0.5, rotate_range=(0.2, 0.2, 0.2), scale_range=(0.1, 0.1, 0.1),
+                    mode=("bilinear", "nearest"), padding_mode="border"),
+        Rand3DElasticd(keys, sigma_range=(5, 7), magnitude_range=(20, 50), prob=0.3, mode=("bilinear", "nearest"),
+                       padding_mode="border"),
+        RandGaussianNoised("image", prob=0.3, std=0.02),
+        RandScaleIntensityd("image", factors=0.1, prob=0.3),
+        RandShiftIntensityd("image", offsets=0.05, prob=0.3),
+    ])
+    aug.set_random_state(seed)
+    return aug
+
+
 def train_segmenter(
     images: Sequence[Tensor], labels: Sequence[Tensor], cfg: Config, steps: int | None = None,
     epochs: int | None = None, seed: int = 0, out_path: Path | None = None,
-    device: str | torch.device = "cpu", progress: bool = False,
+    device: str | torch.device = "cpu", progress: bool = False, augment: bool = False,
 ) -> tuple[UNet, dict]:
     """Train the Appendix B network on (1, D, H, W) images / label maps.
 
@@ -154,6 +181,7 @@ def train_segmenter(
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.seg.lr)
     ratios = crop_ratios(cfg, labels)
+    aug = classical_augmentation(seed) if augment else None
     crop, rng = _cropper(cfg, patch, seed, ratios), np.random.default_rng(seed)
     order: list[int] = []
     curve, start = [], time.perf_counter()
@@ -162,6 +190,9 @@ def train_segmenter(
         if len(order) < cfg.seg.batch_size:  # shuffled passes over the volumes (epochs)
             order += [int(i) for i in rng.permutation(len(images))]
         batch = [_crop(crop, seg_input(images[i], cfg), labels[i]) for i in order[: cfg.seg.batch_size]]
+        if aug is not None:
+            batch = [(torch.as_tensor(o["image"]), torch.as_tensor(o["label"]).round().long())
+                     for o in (aug({"image": x, "label": y.float()}) for x, y in batch)]
         del order[: cfg.seg.batch_size]
         x = torch.stack([b[0] for b in batch]).to(device)
         y = torch.stack([b[1] for b in batch]).to(device)
@@ -172,7 +203,7 @@ def train_segmenter(
         curve.append(float(loss.detach()))
     model.eval()
     info = dict(steps=steps, epochs=round(steps / per_epoch, 2), n_volumes=len(images), patch=list(patch),
-                crop_ratios=None if ratios is None else [round(r, 3) for r in ratios],
+                crop_ratios=None if ratios is None else [round(r, 3) for r in ratios], augment=augment,
                 input_window=cfg.seg.input_window,
                 batch_size=cfg.seg.batch_size, lr=cfg.seg.lr, seed=seed, seconds=round(time.perf_counter() - start, 2),
                 first_loss=curve[0], final_loss=float(np.mean(curve[-max(1, len(curve) // 10):])),
@@ -325,26 +356,43 @@ def _summary(runs: list[dict]) -> dict:
 
 def augment_study(real_small: VolumeSet, synthetic_extra: VolumeSet, real_test: VolumeSet, cfg: Config,
                   seeds: Sequence[int] = (0, 1, 2), steps: int | None = None,
-                  device: str | torch.device = "cpu", progress: bool = False) -> dict:
-    """Does adding synthetic volumes help? Train on (a) ``real_small`` and (b) ``real_small`` + ``synthetic_extra``.
+                  device: str | torch.device = "cpu", progress: bool = False,
+                  synthetic_new: VolumeSet | None = None, classical: bool = True) -> dict:
+    """Does adding synthetic volumes help, and more than classical augmentation? Arms, each trained once per seed
+    with the same number of optimiser steps (``steps``, else ``cfg.seg.steps``, else ``cfg.seg.epochs`` passes over
+    the largest training set), so they differ in data only:
 
-    Both arms run the same number of optimiser steps (``steps``, else ``cfg.seg.steps``, else
-    ``cfg.seg.epochs`` passes over the combined set), so they differ in data only. Each is scored on
-    ``real_test``; returns mean and std of the foreground-mean Dice over ``seeds`` for both arms.
+    ``real_only``; ``real_classical`` (``real_small`` with :func:`classical_augmentation`, when ``classical``);
+    ``real_plus_synthetic`` (+ ``synthetic_extra``, made from training label maps); ``real_plus_new`` (+
+    ``synthetic_new``, made from new label maps, when given).
+
+    Each is scored on ``real_test``. Returns per arm the mean / std / per-seed foreground-mean Dice, and the paired
+    gain of every arm over ``real_only`` (and of synthetic over classical) with a 95% bootstrap interval over seeds.
     """
     _check_volumes(synthetic_extra.images, synthetic_extra.labels, "augmentation study: synthetic set")
-    combined = real_small + synthetic_extra
+    arms: dict[str, tuple[VolumeSet, bool]] = {"real_only": (real_small, False)}
+    if classical:
+        arms["real_classical"] = (real_small, True)
+    arms["real_plus_synthetic"] = (real_small + synthetic_extra, False)
+    if synthetic_new is not None and len(synthetic_new):
+        _check_volumes(synthetic_new.images, synthetic_new.labels, "augmentation study: new-label-map set")
+        arms["real_plus_new"] = (real_small + synthetic_new, False)
     if steps is None and cfg.seg.steps <= 0:
-        steps = math.ceil(len(combined) / cfg.seg.batch_size) * cfg.seg.epochs
-    arms = {"real_only": real_small, "real_plus_synthetic": combined}
+        steps = math.ceil(max(len(d) for d, _ in arms.values()) / cfg.seg.batch_size) * cfg.seg.epochs
     runs: dict[str, list[dict]] = {k: [] for k in arms}
     for seed in seeds:
-        for arm, data in arms.items():
+        for arm, (data, augment) in arms.items():
             model, _ = train_segmenter(data.images, data.labels, cfg, steps=steps, seed=seed, device=device,
-                                       progress=progress)
+                                       progress=progress, augment=augment)
             runs[arm].append(evaluate_dice(model, real_test.images, real_test.labels, cfg, device))
-    out = {arm: _summary(r) for arm, r in runs.items()}
+    out: dict = {arm: _summary(r) for arm, r in runs.items()}
+    base = out["real_only"]["per_seed"]
+    out["gains"] = {arm: paired_gain(out[arm]["per_seed"], base) for arm in arms if arm != "real_only"}
+    if classical:
+        out["synthetic_vs_classical"] = {arm: paired_gain(out[arm]["per_seed"], out["real_classical"]["per_seed"])
+                                         for arm in ("real_plus_synthetic", "real_plus_new") if arm in out}
     out.update(gain=out["real_plus_synthetic"]["mean"] - out["real_only"]["mean"], seeds=list(seeds),
                steps=steps or cfg.seg.steps, n_real=len(real_small), n_synthetic=len(synthetic_extra),
-               n_test=len(real_test))
+               n_new=len(synthetic_new) if synthetic_new is not None else 0, n_test=len(real_test),
+               arms=list(arms))
     return out

@@ -66,21 +66,26 @@ def _synthetic_partners(synthetic: Path, train: Path, labels: Path | None, test_
     return load_synthetic(synthetic, cases, partners, cfg.data, require_all=False)[0]
 
 
+ARM_LABELS = {"real_only": "real only", "real_classical": "real +\nclassical aug.",
+              "real_plus_synthetic": "real +\nsynthetic", "real_plus_new": "real + synthetic\n(new label maps)"}
+
+
 def augment_figure(path: Path, study: dict) -> str:
-    """Mean +- std Dice on the real test set: real subset alone vs real subset + synthetic volumes."""
-    fig = Figure(figsize=(4.2, 3.0), dpi=100)
+    """Mean +- std Dice on the real test set for every arm of the study, seeds as dots."""
+    arms = [a for a in study.get("arms", ["real_only", "real_plus_synthetic"]) if a in study]
+    fig = Figure(figsize=(1.4 + 1.3 * len(arms), 3.0), dpi=100)
     ax = fig.subplots()
-    arms = [("real only", study["real_only"], REAL), ("real + synthetic", study["real_plus_synthetic"], SYNTH)]
-    bars = ax.bar(range(2), [a["mean"] for _, a, _ in arms], yerr=[a["std"] for _, a, _ in arms], capsize=6,
-                  color=[c for _, _, c in arms])
-    ax.bar_label(bars, labels=[f"{a['mean']:.3f}" for _, a, _ in arms], fontsize=8, padding=2, label_type="center")
-    for i, (_, a, _) in enumerate(arms):
-        ax.scatter([i] * len(a["per_seed"]), a["per_seed"], color="k", s=10, zorder=3)
-    ax.set_xticks(range(2), [f"{study['n_real']} real", f"{study['n_real']} real\n+ {study['n_synthetic']} synthetic"],
-                  fontsize=8)
+    colours = [REAL if a == "real_only" else SYNTH for a in arms]
+    bars = ax.bar(range(len(arms)), [study[a]["mean"] for a in arms], yerr=[study[a]["std"] for a in arms],
+                  capsize=6, color=colours)
+    ax.bar_label(bars, labels=[f"{study[a]['mean']:.3f}" for a in arms], fontsize=8, padding=2, label_type="center")
+    for i, a in enumerate(arms):
+        ax.scatter([i] * len(study[a]["per_seed"]), study[a]["per_seed"], color="k", s=10, zorder=3)
+    ax.set_xticks(range(len(arms)), [ARM_LABELS.get(a, a) for a in arms], fontsize=7)
     ax.set_ylabel("mean foreground Dice (real test set)", fontsize=8)
     ax.set_ylim(0, 1)
-    ax.set_title(f"augmentation study ({len(study['seeds'])} seeds, {study['steps']} steps each)", fontsize=9)
+    ax.set_title(f"augmentation study: {study['n_real']} real volumes ({len(study['seeds'])} seeds, "
+                 f"{study['steps']} steps each)", fontsize=9)
     fig.tight_layout()
     return save_figure(fig, path)
 
@@ -89,7 +94,8 @@ def run_augment_study(
     real: Path, synthetic: Path, out: Path, cfg: Config | str | Path = "tiny", n_real: int = 4,
     seeds: Sequence[int] = (0, 1, 2), steps: int | None = None, synthetic_labels: Path | None = None,
     test: Path | None = None, subset_seed: int = 0, layout: str = "auto", device: str = "auto",
-    progress: bool = True,
+    progress: bool = True, synthetic_new: Path | None = None, new_labels: Path | None = None,
+    classical: bool = True,
 ) -> dict:
     """Train the segmenter on ``n_real`` real training volumes with and without the synthetic volumes.
 
@@ -98,7 +104,9 @@ def run_augment_study(
             its test split (or ``test``) is the evaluation set.
         synthetic: ``<labelname>_s<k>.nii.gz`` generated from training label maps (any of them, not
             only the drawn subset) or from ``synthetic_labels``; test label maps are refused (leakage).
-        seeds: one training run per seed and arm; the result has mean and std over seeds.
+        seeds: one training run per seed and arm; the result has mean and std over seeds, and paired gains.
+        synthetic_new: volumes generated from new label maps (``medlsdm derive-labels``) in ``new_labels``:
+            a fourth arm. ``classical``: the arm with MONAI's classical augmentation.
         steps: optimiser steps per run (default: ``cfg.seg`` epochs over the combined set, for both arms).
     Writes ``augment.json`` and ``augment.png``.
     """
@@ -113,7 +121,13 @@ def run_augment_study(
     test_set = load_real(test or real, cfg.data, test_split(test or real), layout, need_labels=True)
     synth = _synthetic_partners(Path(synthetic), real, synthetic_labels, set(test_set.ids), cfg, layout)
     out.mkdir(parents=True, exist_ok=True)
-    study = augment_study(small, synth, test_set, cfg, seeds=seeds, steps=steps, device=dev, progress=progress)
+    new = None
+    if synthetic_new is not None:
+        if new_labels is None:
+            raise UserError("--synthetic-new needs --new-labels (the derived label maps the volumes were made from)")
+        new = _synthetic_partners(Path(synthetic_new), real, new_labels, set(test_set.ids), cfg, layout)
+    study = augment_study(small, synth, test_set, cfg, seeds=seeds, steps=steps, device=dev, progress=progress,
+                          synthetic_new=new, classical=classical)
     study["inputs"] = dict(real=str(real), synthetic=str(synthetic), real_subset=small.ids, config=cfg.name)
     study = jsonable(study)
     study["figure"] = augment_figure(out / "augment.png", study)
