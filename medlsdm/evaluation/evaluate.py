@@ -97,11 +97,18 @@ def _kinds(features: str | Sequence[str], have_train: bool) -> list[str]:
     return kinds
 
 
+PLANES_3D_NOTE = ("not reported for a 3D extractor: its deepest feature map has a few slabs per volume along each "
+                  "axis, not one feature per slice; see 3D-FID")
+
+
 def fid_scores(real: VolumeSet, synthetic: VolumeSet, extractor: FeatureExtractor) -> dict:
-    """FID per plane (axial, coronal, sagittal) and, for a 3D extractor with >= 2 volumes a side, 3D-FID."""
+    """FID per plane (axial, coronal, sagittal) from per-slice features of a 2D extractor (None for a 3D one, with
+    ``note_planes`` saying why) and, for a 3D extractor with >= 2 volumes a side, 3D-FID."""
     res: dict[str, Any] = {"extractor": extractor.describe()}
     for plane in M.PLANES:
-        res[plane] = fid_2d(real.images, synthetic.images, extractor, plane)
+        res[plane] = fid_2d(real.images, synthetic.images, extractor, plane) if extractor.spatial_dims == 2 else None
+    if extractor.spatial_dims != 2:
+        res["note_planes"] = PLANES_3D_NOTE
     if extractor.spatial_dims == 3 and min(len(real), len(synthetic)) >= 2:
         res["3d"] = fid_3d(real.images, synthetic.images, extractor)
     else:

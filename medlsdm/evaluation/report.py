@@ -139,7 +139,7 @@ def fid_figure(path: Path, fid: dict) -> str:
     fig = Figure(figsize=(4.0 * len(fid), 2.8), dpi=100)
     axes = np.atleast_1d(fig.subplots(1, len(fid), squeeze=False)).ravel()
     for ax, (name, res) in zip(axes, fid.items()):
-        values = {k: res.get(k) for k in ("axial", "coronal", "sagittal", "3d") if k in res}
+        values = {k: res.get(k) for k in ("axial", "coronal", "sagittal", "3d") if res.get(k) is not None}
         pre = "" if res.get("extractor", {}).get("pretrained") else " (NOT pretrained)"
         _bars(ax, values, f"FID ↓ — {name}{pre}", colour=REAL)
     fig.tight_layout()
@@ -205,6 +205,9 @@ def _fid_section(fid: dict) -> list[str]:
                      "yes" if ex.get("pretrained") else "**no**", f"`{ex.get('weights') or '-'}`",
                      ex.get("sha256") or "-"])
     out += _table(["extractor", "axial", "coronal", "sagittal", "3D", "pretrained", "weights", "sha256"], rows)
+    if any(res.get("note_planes") for res in fid.values()):
+        out += ["Per-plane FID comes from per-slice features of 2D extractors only; for the 3D extractors (marked "
+                "–) it is not reported: their deepest feature map has a few slabs per volume, not slices.", ""]
     if any(not res.get("extractor", {}).get("pretrained") for res in fid.values()):
         out += ["Extractors marked **no** use randomly initialised weights: their FIDs rank models against each "
                 "other on this machine only and are not comparable with published numbers.", ""]
