@@ -48,19 +48,31 @@ def main() -> None:
     sample_s = time.perf_counter() - t0
 
     report = WORK / "report"
-    m = evaluate(data, syn_test, report, train=data, features="domain,random-medicalnet", cfg=run / "config.yaml",
+    run_cfg = load_config(run / "config.yaml")
+    run_cfg.seg = cfg.seg  # the preset's current segmenter (the run was trained before it changed)
+    m = evaluate(data, syn_test, report, train=data, features="domain,random-medicalnet", cfg=run_cfg,
                  device="cpu", progress=False)
-    aug = run_augment_study(data, syn_train, WORK / "augment", cfg=run / "config.yaml", n_real=args.aug_real,
-                            seeds=args.seeds, device="cpu", progress=False)
+    aug = run_augment_study(data, syn_train, WORK / "augment", cfg=run_cfg, n_real=args.aug_real,
+                            seeds=args.seeds, device="cpu", progress=False, classical=False)
     total_s = time.perf_counter() - t0
 
     dice = m["dice"]["table"]
     names = [n for n in cfg.data.label_names[1:]]
     t2 = ["| data | " + " | ".join(names) + " | mean (foreground) |", "|---" * (len(names) + 2) + "|"]
+    def ci(value, bounds) -> str:
+        return "n/a" if value is None else f"{value:.3f} [{bounds[0]:.2f}, {bounds[1]:.2f}]"
+
     for row in ("real train", "real test", "synthetic"):
         d = dice[row]
-        t2.append(f"| {row} ({d['n']}) | " + " | ".join(fmt(d["per_class"].get(n)) for n in names)
-                  + f" | **{fmt(d['mean'])}** |")
+        t2.append(f"| {row} ({d['n']}) | " + " | ".join(ci(d["per_class"].get(n), d["per_class_ci"][n]) for n in names)
+                  + f" | **{ci(d['mean'], d['mean_ci'])}** |")
+    ratio = m["dice"].get("ratio", {})
+
+    def rr(x: dict) -> str:
+        return "n/a" if x is None or x.get("ratio") is None else f"{x['ratio']:.2f} [{x['lo']:.2f}, {x['hi']:.2f}]"
+
+    t2.append("| synthetic / real test | " + " | ".join(rr(ratio.get(n)) for n in names)
+              + f" | **{rr(ratio.get('mean'))}** |")
     p = m["paired"]
     t3 = ["| extractor | FID axial | FID coronal | FID sagittal | 3D-FID |", "|---|---|---|---|---|"]
     for kind, f in m["fid"].items():
@@ -79,7 +91,8 @@ def main() -> None:
         f"sampling took {sample_s:.0f} s, "
         f"the whole protocol {total_s / 60:.1f} min; peak RSS {peak_rss_gib():.2f} GiB.", "",
         f"**Table 2 analogue: Dice of a 3D U-Net trained on the real training set** "
-        f"(segmenter sha256 {str(m['dice']['segmenter'].get('sha256'))[:12]}; background excluded from every mean)",
+        f"(segmenter sha256 {str(m['dice']['segmenter'].get('sha256'))[:12]}, the tiny preset's current settings; "
+        "background excluded from every mean; brackets: 95% bootstrap interval over volumes)",
         "", *t2, "",
         "**Table 3 analogue: synthetic vs real volumes of the same label maps**", "",
         "| LPIPS | SSIM | RMSE (normalised [-1, 1] units) | PSNR (dB) |", "|---|---|---|---|",
@@ -100,7 +113,9 @@ def main() -> None:
         f"| real only | {fmt(aug['real_only']['mean'])} | {fmt(aug['real_only']['std'])} |",
         f"| real + synthetic | {fmt(aug['real_plus_synthetic']['mean'])} | "
         f"{fmt(aug['real_plus_synthetic']['std'])} |", "",
-        f"Gain: {aug['gain']:+.3f}.", "",
+        f"Gain: {aug['gain']:+.3f}, paired by seed [{aug['gains']['real_plus_synthetic']['lo']:+.3f}, "
+        f"{aug['gains']['real_plus_synthetic']['hi']:+.3f}] (95% bootstrap over seeds; the four-arm study with "
+        "classical augmentation and 5 seeds is `bench/augment.py`, section `augment`).", "",
         f"**Privacy audit** ({priv.get('n_synthetic')} synthetic, {priv.get('n_heldout')} real held-out, "
         f"{priv.get('n_train')} training volumes): fraction of synthetic volumes closer to a training scan "
         "than the 5th "
