@@ -18,14 +18,12 @@ manifest: a changed, damaged or missing file stops with one line naming it.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from medlsdm.config import save_config
 from medlsdm.errors import UserError
-from medlsdm.io import atomic_write_text, file_sha256, folder_lock
+from medlsdm.io import atomic_dir, atomic_write_text, file_sha256, folder_lock
 from medlsdm.runs import latest_weights, run_config, selected_weights
 
 __all__ = ["export_model", "verify_manifest", "MANIFEST", "FORMAT"]
@@ -62,27 +60,17 @@ def export_model(run_dir: Path, out: Path, overwrite: bool = False) -> Path:
         for path in files.values():
             if not path.is_file():
                 raise UserError(f"{path}: missing; is {run_dir} a finished LDM run folder?")
-    with folder_lock(out):
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-        try:
-            for name, src in files.items():
-                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(src, tmp / name)
-            save_config(_portable(cfg), tmp / "config.yaml")
-            if not is_baseline(cfg):
-                save_config(_portable(run_config(run_dir / "vqgan")), tmp / "vqgan" / "config.yaml")
-            hashes = {p.relative_to(tmp).as_posix(): file_sha256(p, length=64)
-                      for p in sorted(tmp.rglob("*")) if p.is_file()}
-            atomic_write_text(tmp / MANIFEST, json.dumps({"format": FORMAT, "medlsdm": __version__,
-                                                          "files": hashes}, indent=2) + "\n")
-            for p in [tmp, *tmp.rglob("*")]:  # mkdtemp's private 0700 would keep colleagues out
-                p.chmod(0o755 if p.is_dir() else 0o644)
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    with folder_lock(out), atomic_dir(out) as tmp:
+        for name, src in files.items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, tmp / name)
+        save_config(_portable(cfg), tmp / "config.yaml")
+        if not is_baseline(cfg):
+            save_config(_portable(run_config(run_dir / "vqgan")), tmp / "vqgan" / "config.yaml")
+        hashes = {p.relative_to(tmp).as_posix(): file_sha256(p, length=64)
+                  for p in sorted(tmp.rglob("*")) if p.is_file()}
+        atomic_write_text(tmp / MANIFEST, json.dumps({"format": FORMAT, "medlsdm": __version__, "files": hashes},
+                                                     indent=2) + "\n")
     return out
 
 

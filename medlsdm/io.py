@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -44,6 +45,31 @@ def atomic_path(path: Path) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(out: Path) -> Iterator[Path]:
+    """Yield a hidden sibling folder to fill; if the block succeeds it replaces ``out`` whole (an old ``out`` is
+    moved aside first and removed after), else it is removed and ``out`` stays as it was. Modes follow the umask
+    (mkdtemp's private 0700 would keep colleagues out). For folders written as one piece: latents, exports,
+    nnU-Net datasets."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        yield tmp
+        mask = _umask()
+        for p in [tmp, *tmp.rglob("*")]:
+            p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+        old = out.with_name(f".{out.name}.old") if out.exists() else None
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

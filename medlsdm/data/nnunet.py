@@ -15,20 +15,16 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
-import torch
 
 from medlsdm.config import DataConfig
 from medlsdm.data.layouts import find_cases
 from medlsdm.data.transforms import read_volume, remap_labels, write_nifti
 from medlsdm.errors import UserError
-from medlsdm.io import atomic_write_text, folder_lock
+from medlsdm.io import atomic_dir, atomic_write_text, folder_lock
 
 __all__ = ["write_nnunet_dataset", "channel_name"]
 
@@ -49,9 +45,9 @@ def _stem(path: Path) -> str:
 
 
 def _write_label(path: Path, source: Path, cfg: DataConfig) -> None:
-    img = nib.load(str(source))
-    classes = remap_labels(torch.from_numpy(np.rint(np.asanyarray(img.dataobj)).astype(np.int64)), cfg, source)
-    write_nifti(classes.numpy().astype(np.uint8 if cfg.num_classes < 256 else np.int16), img.affine, path)
+    array, affine = read_volume(source)  # the header checks of every medlsdm read
+    classes = remap_labels(array.round().long(), cfg, source)
+    write_nifti(classes.numpy().astype(np.uint8 if cfg.num_classes < 256 else np.int16), affine, path)
 
 
 def write_nnunet_dataset(synthetic: Path, label_maps: list[Path], out: Path, cfg: DataConfig,
@@ -80,36 +76,26 @@ def write_nnunet_dataset(synthetic: Path, label_maps: list[Path], out: Path, cfg
                               sample=""))
     info_path = Path(synthetic) / "sample_info.json"
     model = json.loads(info_path.read_text()).get("model_weights_sha256", "") if info_path.is_file() else ""
-    with folder_lock(out):
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-        try:
-            for c in cases:
-                image = tmp / "imagesTr" / f"{c['case']}_0000.nii.gz"
-                if c["kind"] == "synthetic":
-                    image.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(c["image"], image)  # written by medlsdm: a fresh header already
-                else:  # the user's file may carry patient fields in its header: rewrite with geometry only
-                    array, affine = read_volume(c["image"])
-                    write_nifti(array.numpy().astype(np.float32), affine, image)
-                _write_label(tmp / "labelsTr" / f"{c['case']}.nii.gz", Path(c["label"]), cfg)
-            meta = {"channel_names": {"0": channel_name(cfg, with_real)},
-                    "labels": {name: i for i, name in enumerate(cfg.label_names)},
-                    "numTraining": len(cases), "file_ending": ".nii.gz",
-                    "description": "medlsdm synthetic training set; cases.csv says which cases are synthetic"}
-            atomic_write_text(tmp / "dataset.json", json.dumps(meta, indent=2) + "\n")
-            text = io.StringIO()
-            writer = csv.writer(text)
-            writer.writerow(["case", "kind", "source", "sample", "model_weights_sha256"])
-            for c in cases:
-                writer.writerow([c["case"], c["kind"], c["source"], c["sample"], model if c["kind"] == "synthetic"
-                                 else ""])
-            atomic_write_text(tmp / "cases.csv", text.getvalue())
-            for p in [tmp, *tmp.rglob("*")]:
-                p.chmod(0o755 if p.is_dir() else 0o644)
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    with folder_lock(out), atomic_dir(out) as tmp:
+        for c in cases:
+            image = tmp / "imagesTr" / f"{c['case']}_0000.nii.gz"
+            if c["kind"] == "synthetic":
+                image.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(c["image"], image)  # written by medlsdm: a fresh header already
+            else:  # the user's file may carry patient fields in its header: rewrite with geometry only
+                array, affine = read_volume(c["image"])
+                write_nifti(array.numpy().astype(np.float32), affine, image)
+            _write_label(tmp / "labelsTr" / f"{c['case']}.nii.gz", Path(c["label"]), cfg)
+        meta = {"channel_names": {"0": channel_name(cfg, with_real)},
+                "labels": {name: i for i, name in enumerate(cfg.label_names)},
+                "numTraining": len(cases), "file_ending": ".nii.gz",
+                "description": "medlsdm synthetic training set; cases.csv says which cases are synthetic"}
+        atomic_write_text(tmp / "dataset.json", json.dumps(meta, indent=2) + "\n")
+        text = io.StringIO()
+        writer = csv.writer(text)
+        writer.writerow(["case", "kind", "source", "sample", "model_weights_sha256"])
+        for c in cases:
+            writer.writerow([c["case"], c["kind"], c["source"], c["sample"], model if c["kind"] == "synthetic"
+                             else ""])
+        atomic_write_text(tmp / "cases.csv", text.getvalue())
     return out

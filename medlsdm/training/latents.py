@@ -10,9 +10,6 @@ Latents folder::
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -24,7 +21,7 @@ from medlsdm.config import save_config
 from medlsdm.data.dataset import VolumeDataset
 from medlsdm.data.layouts import find_cases
 from medlsdm.errors import UserError
-from medlsdm.io import file_sha256, folder_lock, load_weights, save_weights
+from medlsdm.io import atomic_dir, file_sha256, folder_lock, load_weights, save_weights
 from medlsdm.runs import load_vqgan, selected_weights
 from medlsdm.training.distributed import resolve_device
 
@@ -46,27 +43,11 @@ def encode_dataset(vqgan_dir: Path, data: Path, out: Path, layout: str = "auto",
     out = Path(out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not is_latents_dir(out))):
         raise UserError(f"{out}: exists and is not a latents folder; encode into a new or empty folder")
-    with folder_lock(out):
-        _encode_and_swap(out, vqgan, cfg, vqgan_dir, cases, dev, progress)
-    return out
-
-
-def _encode_and_swap(out: Path, vqgan, cfg, vqgan_dir: Path, cases: list, dev: torch.device, progress: bool) -> None:
-    # written in a hidden sibling and swapped in whole: a failed encode leaves the old folder as it was, and a
-    # re-encode replaces the old latents instead of mixing with them
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    tmp.chmod(0o755)
-    try:
+    # written aside and swapped in whole: a failed encode leaves the old folder as it was, and a re-encode
+    # replaces the old latents instead of mixing with them
+    with folder_lock(out), atomic_dir(out) as tmp:
         _encode_into(tmp, vqgan, cfg, vqgan_dir, cases, dev, progress)
-        old = out.with_name(f".{out.name}.old") if out.exists() else None
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 def _encode_into(out: Path, vqgan, cfg, vqgan_dir: Path, cases: list, dev: torch.device, progress: bool) -> None:
