@@ -26,34 +26,23 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"medlsdm: error: {message} (see {self.prog} --help)\n")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _number(kind: type, rule: str, ok: Callable[[float], bool]) -> Callable[[str], float]:
+    """An argparse type: ``kind`` (int / float) that must satisfy ``ok`` (described by ``rule``)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            noun = "whole number" if kind is int else "number"
+            raise argparse.ArgumentTypeError(f"must be a {noun}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return value
+    return parse
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
-    return value
-
-
-def _finite_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-    return value
+_positive_int = _number(int, "at least 1", lambda v: v >= 1)
+_positive_float = _number(float, "a finite number above 0", lambda v: math.isfinite(v) and v > 0)
+_finite_float = _number(float, "a finite number", math.isfinite)
 
 
 def _device(text: str) -> str:
@@ -322,16 +311,11 @@ def _cmd_phantom(a: argparse.Namespace) -> None:
     print(f"wrote {a.n} {a.modality.upper()} phantoms to {out}")
 
 
-def _merge(base: dict, override: dict) -> dict:
-    return {**base, **{k: _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
-                       for k, v in override.items()}}
-
-
 def _config_for(a: argparse.Namespace, data: Path, default: str | Path | None = None):
     """The config a command runs with: ``--config`` (else ``default``, else the plan of ``data``) with the
     ``--set`` overrides, checked against ``data``'s dataset.json. None on ``--resume`` of a run that has its
     own config.yaml (the run keeps it)."""
-    from medlsdm.config import config_from_dict, load_config, parse_overrides
+    from medlsdm.config import config_from_dict, deep_update, load_config, parse_overrides
     from medlsdm.data.plan import check_config_against_data, fingerprint, plan_config
 
     overrides = parse_overrides(a.set) if a.set else {}
@@ -346,7 +330,7 @@ def _config_for(a: argparse.Namespace, data: Path, default: str | Path | None = 
         cfg, why = plan_config(fingerprint(data, getattr(a, "layout", "auto"), getattr(a, "label_dir", None)))
         print(f"no --config: planned from {data} ('medlsdm plan' writes this as a file):")
         print("".join(f"  {line}\n" for line in why), end="")
-        cfg = config_from_dict(_merge(cfg.to_dict(), overrides)) if overrides else cfg
+        cfg = config_from_dict(deep_update(cfg.to_dict(), overrides)) if overrides else cfg
     else:
         cfg = load_config(source, overrides or None)
     check_config_against_data(cfg, data)

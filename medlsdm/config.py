@@ -51,8 +51,7 @@ Precision = Literal["auto", "bf16", "fp32"]  # fp16 deliberately not offered (Na
 VQGAN_UPSAMPLE = typing.get_args(VQGANUpsample)
 LDM_METHODS = typing.get_args(LDMMethod)  # Med-LSDM and the two baselines (see medlsdm.diffusion.baselines)
 FEATURE_MATCH_REDUCTIONS = typing.get_args(FeatureMatchReduction)  # over discriminator layers (autoencoder.losses)
-SAMPLERS = ("ddpm", "ddim", "dpm++")  # ldm.sampler; the sampler registry (medlsdm.diffusion.samplers) matches it
-assert SAMPLERS == typing.get_args(SamplerName)
+SAMPLERS = typing.get_args(SamplerName)  # ldm.sampler; the sampler registry (medlsdm.diffusion.samplers) matches it
 
 _DEFAULT_LABEL_NAMES = ("background", "body", "liver", "kidney", "spine", "lesion")
 # the dotted key of the section being built while a config is loaded ("train_ldm"), so that the checks in
@@ -501,10 +500,10 @@ def _from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
         _SECTION.reset(token)
 
 
-def _deep_update(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+def deep_update(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in override.items():
-        out[k] = _deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -529,7 +528,7 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     if base is not None:
         if base not in PRESETS:
             raise _choice_error("base", base, PRESETS)
-        data = _deep_update(_read_yaml(PRESETS_DIR / f"{base}.yaml"), data)
+        data = deep_update(_read_yaml(PRESETS_DIR / f"{base}.yaml"), data)
         data.pop("base", None)
     cfg = _from_dict(Config, data)
     _check_loaded(cfg)
@@ -552,7 +551,7 @@ def load_config(name_or_path: str | Path, overrides: dict[str, Any] | None = Non
     path = PRESETS_DIR / f"{key}.yaml" if key in PRESETS else Path(key)
     data = _read_yaml(path)
     if overrides:
-        data = _deep_update(data, overrides)
+        data = deep_update(data, overrides)
     return config_from_dict(data)
 
 

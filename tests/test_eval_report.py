@@ -18,7 +18,7 @@ from medlsdm.config import load_config
 from medlsdm.data.phantom import write_phantom_dataset
 from medlsdm.errors import UserError
 from medlsdm.evaluation.evaluate import evaluate, jsonable
-from medlsdm.evaluation.features import fid_2d, fid_3d, load_extractor
+from medlsdm.evaluation.features import fid_3d, load_extractor
 from medlsdm.evaluation.pairing import load_cases, load_synthetic, pair_synthetic, real_cases
 
 SHAPE = (16, 32, 32)
@@ -78,15 +78,11 @@ def test_evaluate_writes_metrics_and_report(data, cfg, tmp_path):
     g = torch.Generator().manual_seed(0)
     noisier = [(x + 0.3 * torch.randn(x.shape, generator=g)).clamp(-1, 1) for x in real_set.images]
 
-    def fid(a, b, plane):
-        return fid_3d(a, b, extractor) if plane == "3d" else fid_2d(a, b, extractor, plane)
-
-    for p in ("3d",):
-        reported = m["fid"]["random-medicalnet"][p]
-        assert reported == pytest.approx(fid(real_set.images, synth_set.images, p), rel=1e-6), p
-        same, far = fid(real_set.images, real_set.images, p), fid(real_set.images, noisier, p)
-        assert same == pytest.approx(0.0, abs=1e-9), p
-        assert 0 < 10 * reported < far, (p, reported, far)
+    reported = m["fid"]["random-medicalnet"]["3d"]
+    assert reported == pytest.approx(fid_3d(real_set.images, synth_set.images, extractor), rel=1e-6)
+    same, far = fid_3d(real_set.images, real_set.images, extractor), fid_3d(real_set.images, noisier, extractor)
+    assert same == pytest.approx(0.0, abs=1e-9)
+    assert 0 < 10 * reported < far, (reported, far)
     assert m["fid"]["random-medicalnet"]["extractor"]["pretrained"] is False
     assert m["fid"]["domain"]["extractor"]["sha256"] == m["dice"]["segmenter"]["sha256"]
     assert (out / "segmenter.safetensors").is_file()

@@ -114,10 +114,8 @@ def derive_folder(labels: Path, out: Path, n_per_label: int = 1, seed: int = 0,
     a fresh header, int16 values. ``out/derive_info.json`` records the settings and each map's source and seed."""
     import json
 
-    import nibabel as nib
-
     from medlsdm.data.checks import check_exists
-    from medlsdm.data.transforms import write_nifti
+    from medlsdm.data.transforms import read_volume, write_nifti
     from medlsdm.io import atomic_write_text, folder_lock
 
     labels, out = check_exists(labels), Path(out)
@@ -132,16 +130,14 @@ def derive_folder(labels: Path, out: Path, n_per_label: int = 1, seed: int = 0,
     with folder_lock(out):
         out.mkdir(parents=True, exist_ok=True)
         for f in files:
-            img = nib.load(str(f))
-            source = np.rint(np.asanyarray(img.dataobj)).astype(np.int16)
-            if source.ndim != 3:
-                raise UserError(f"{f}: expected a 3D label map, got shape {source.shape}")
+            array, affine = read_volume(f)  # header checks, 3D, finite
+            source = array.round().numpy().astype(np.int16)
             stem = f.name.split(".nii")[0]
             for k in range(n_per_label):
                 s = zlib.crc32(f"{seed}:{f.name}:{k}".encode()) & 0x7FFFFFFF  # per map, whatever the order
                 derived, tries = derive_label_map(source, s, cfg)
                 target = out / f"{stem}_d{k}.nii.gz"
-                write_nifti(derived, img.affine, target)
+                write_nifti(derived, affine, target)
                 written.append(target)
                 record.append(dict(file=target.name, source=f.name, seed=s, draws=tries))
         atomic_write_text(out / "derive_info.json", json.dumps(dict(settings=asdict(cfg), seed=seed, maps=record),

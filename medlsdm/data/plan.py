@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 import yaml
 
 from medlsdm.config import Config, load_config
@@ -102,7 +103,6 @@ def _volume_geometry(path: Path) -> tuple[tuple[int, int, int], tuple[float, flo
 
 def fingerprint(root: str | Path, layout: str = "auto", label_dir: str | Path | None = None) -> Fingerprint:
     """Read the data set at ``root`` (any layout medlsdm reads) once; see :class:`Fingerprint`."""
-    import nibabel as nib
 
     from medlsdm.data.transforms import read_volume
 
@@ -115,9 +115,7 @@ def fingerprint(root: str | Path, layout: str = "auto", label_dir: str | Path | 
         fp_shapes.append(shape)
         fp_spacings.append(spacing)
         if case.label is not None:
-            data = np.asanyarray(nib.load(str(case.label)).dataobj) if not case.label.is_dir() else \
-                read_volume(case.label)[0].numpy()
-            values.update(int(v) for v in np.unique(np.rint(data)))
+            values.update(int(v) for v in torch.unique(read_volume(case.label)[0].round()).tolist())
     data_dir = root if root.is_dir() else root.parent
     channel = dataset_channel(data_dir)
     if channel is not None:

@@ -106,7 +106,6 @@ def crop_ratios(cfg: Config, labels: Sequence[Tensor]) -> list[float] | None:
 
 def _cropper(cfg: Config, patch: tuple[int, int, int], seed: int, ratios: list[float] | None = None):
     pos = float(cfg.seg.pos_fraction)
-    ratios = list(cfg.seg.class_ratios) if ratios is None and cfg.seg.class_ratios is not None else ratios
     if ratios is not None:
         if len(ratios) != cfg.data.num_classes:
             raise UserError(f"config: seg.class_ratios has {len(ratios)} ratios for {cfg.data.num_classes} classes")
@@ -181,6 +180,7 @@ def train_segmenter(
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.seg.lr)
     ratios = crop_ratios(cfg, labels)
+    inputs = [seg_input(x, cfg) for x in images]  # once, not at every step
     aug = classical_augmentation(seed) if augment else None
     crop, rng = _cropper(cfg, patch, seed, ratios), np.random.default_rng(seed)
     order: list[int] = []
@@ -189,7 +189,7 @@ def train_segmenter(
     for step in tqdm(range(steps), desc="segmenter", disable=not progress):
         if len(order) < cfg.seg.batch_size:  # shuffled passes over the volumes (epochs)
             order += [int(i) for i in rng.permutation(len(images))]
-        batch = [_crop(crop, seg_input(images[i], cfg), labels[i]) for i in order[: cfg.seg.batch_size]]
+        batch = [_crop(crop, inputs[i], labels[i]) for i in order[: cfg.seg.batch_size]]
         if aug is not None:
             batch = [(torch.as_tensor(o["image"]), torch.as_tensor(o["label"]).round().long())
                      for o in (aug({"image": x, "label": y.float()}) for x, y in batch)]
