@@ -12,7 +12,15 @@ import torch
 from data_helpers import AFFINE, write_nifti
 
 from medlsdm.cli import main
-from medlsdm.data.derive import DeformConfig, check_topology, count_components, derive_label_map
+from medlsdm.data.derive import (
+    DeformConfig,
+    _with_contents,
+    check_topology,
+    count_components,
+    derive_folder,
+    derive_label_map,
+    mix_label_maps,
+)
 from medlsdm.errors import UserError
 
 
@@ -81,3 +89,101 @@ def test_derive_labels_command_writes_the_source_grid_and_a_record(tmp_path: Pat
     assert main(["derive-labels", "--labels", str(src.parent), "--out", str(again), "--n-per-label", "2",
                  "--seed", "5"]) == 0
     assert np.array_equal(np.asanyarray(img.dataobj), np.asanyarray(nib.load(str(again / names[0])).dataobj))
+
+
+def _boxes(organ2: tuple[slice, slice], organ3: tuple[slice, slice], body: slice = slice(2, 22)) -> np.ndarray:
+    """A 24x24x12 map: a body box (1) holding two organ boxes (2, 3), each 5 slices deep."""
+    lab = np.zeros((24, 24, 12), np.int16)
+    lab[body, body, :] = 1
+    lab[organ2 + (slice(3, 8),)] = 2
+    lab[organ3 + (slice(3, 8),)] = 3
+    return lab
+
+
+def test_mixing_takes_the_listed_class_from_the_donor_inside_the_body_only() -> None:
+    base = _boxes((slice(4, 9), slice(4, 9)), (slice(14, 19), slice(14, 19)))
+    donor = _boxes((slice(0, 5), slice(12, 17)), (slice(6, 11), slice(6, 11)), body=slice(0, 24))  # 2 pokes out
+    mixed = mix_label_maps(base, donor, [2])
+    expected = base.copy()
+    expected[4:9, 4:9, 3:8] = 1  # the organ's old place: the body around it
+    expected[2:5, 12:17, 3:8] = 2  # the donor's organ, but not its part in base's air (x 0..1)
+    assert np.array_equal(mixed, expected)
+    assert np.array_equal(mixed == 3, base == 3)  # not listed: untouched
+    assert set(np.unique(mixed)) == set(np.unique(base)) and not mixed[base == 0].any()
+    both = mix_label_maps(base, donor, [2, 3])
+    assert np.array_equal(both == 3, donor == 3) and np.isin(both[base == 3], [1, 3]).all()
+    assert np.array_equal(mix_label_maps(base, donor, [2], fill=3)[4:9, 4:9, 3:8], np.full((5, 5, 5), 3))
+    with pytest.raises(UserError, match="shapes"):
+        mix_label_maps(base, donor[:20], [2])
+
+
+def _moved(dx: int, dy: int) -> np.ndarray:
+    """_body() with its organs (not the body outline) moved by (dx, dy) voxels."""
+    lab = _body()
+    organs = np.roll(np.where(lab > 1, lab, 0), (dx, dy), (0, 1))
+    out = (lab > 0).astype(np.int16)
+    out[organs > 0] = organs[organs > 0]
+    return out
+
+
+def test_derive_folder_with_mixing_is_seeded_records_donors_and_keeps_every_class(tmp_path: Path) -> None:
+    labels = tmp_path / "labels"
+    for name, lab in [("a", _body()), ("b", _moved(3, -2)), ("c", _moved(-2, 3)), ("d", _body()[2:38])]:
+        write_nifti(labels / f"{name}.nii.gz", lab, AFFINE)
+    cfg = DeformConfig(mix_prob=1.0)
+
+    def run(out: str, seed: int) -> tuple[dict, dict]:
+        derive_folder(labels, tmp_path / out, seed=seed, cfg=cfg)
+        info = json.loads((tmp_path / out / "derive_info.json").read_text())
+        return info, {p.name: p.read_bytes() for p in sorted((tmp_path / out).glob("*.nii.gz"))}
+
+    info, first = run("one", 0)
+    _, again = run("two", 0)
+    _, other = run("three", 1)
+    assert first == again and first != other
+    maps = {m["source"]: m for m in info["maps"]}
+    for name in "abc":
+        assert maps[f"{name}.nii.gz"]["donor"] in {"a.nii.gz", "b.nii.gz", "c.nii.gz"} - {f"{name}.nii.gz"}
+        mixed = maps[f"{name}.nii.gz"]["mixed_classes"]
+        assert mixed in ([2, 4], [3], [4]) and 1 not in mixed  # one organ drawn; the lesion moves with organ 2
+    assert maps["d.nii.gz"]["donor"] is None and maps["d.nii.gz"]["mixed_classes"] == []  # no map of its shape
+    assert info["settings"]["mix_prob"] == 1.0
+    for name in first:
+        derived = np.asanyarray(nib.load(str(tmp_path / "one" / name)).dataobj)
+        assert set(np.unique(derived)) == {0, 1, 2, 3, 4}
+
+
+def test_a_structure_inside_a_mixed_organ_moves_with_it() -> None:
+    body = _body()
+    assert _with_contents([2], body) == [2, 4] and _with_contents([3], body) == [3] and _with_contents([4], body) == [4]
+    mixed = mix_label_maps(body, _moved(3, -2), _with_contents([2], body, _moved(3, -2)))
+    les = np.pad(mixed == 4, 1)
+    ring = (les[:-2, 1:-1, 1:-1] | les[2:, 1:-1, 1:-1] | les[1:-1, :-2, 1:-1] | les[1:-1, 2:, 1:-1]
+            | les[1:-1, 1:-1, :-2] | les[1:-1, 1:-1, 2:]) & (mixed != 4)
+    assert (mixed == 4).sum() == 27 and (mixed[ring] == 2).all()  # whole, and still inside the (moved) organ
+
+
+def test_no_mixing_gives_the_unmixed_maps(tmp_path: Path) -> None:
+    labels = tmp_path / "labels"
+    for name, lab in [("a", _body()), ("b", _moved(3, -2))]:
+        write_nifti(labels / f"{name}.nii.gz", lab, AFFINE)
+    derive_folder(labels, tmp_path / "plain", seed=2)
+    derive_folder(labels, tmp_path / "zero", seed=2, cfg=DeformConfig(mix_prob=0.0, mix_classes=3))
+    for name, lab in [("a", _body()), ("b", _moved(3, -2))]:
+        plain, zero = (tmp_path / "plain" / f"{name}_d0.nii.gz"), (tmp_path / "zero" / f"{name}_d0.nii.gz")
+        assert plain.read_bytes() == zero.read_bytes()
+        s = json.loads((tmp_path / "zero" / "derive_info.json").read_text())["maps"][0 if name == "a" else 1]
+        assert s["donor"] is None and s["mixed_classes"] == []
+        assert np.array_equal(np.asanyarray(nib.load(str(zero)).dataobj), derive_label_map(lab, s["seed"])[0])
+
+
+def test_bad_mixing_settings_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for bad in (dict(mix_prob=1.5), dict(mix_prob=-0.1), dict(mix_classes=0)):
+        with pytest.raises(UserError, match="mix_prob must be in") as exc:
+            DeformConfig(**bad)
+        assert "\n" not in str(exc.value)
+    assert main(["derive-labels", "--labels", str(tmp_path), "--out", str(tmp_path / "o"), "--mix-prob", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--mix-prob: must be between 0 and 1" in err and len(err.splitlines()) == 1
+    assert main(["derive-labels", "--labels", str(tmp_path), "--out", str(tmp_path / "o"), "--mix-classes", "0"]) == 2
+    assert "--mix-classes: must be at least 1" in capsys.readouterr().err

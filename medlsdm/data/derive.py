@@ -4,7 +4,8 @@ Each derived map is its source label map warped by MONAI's ``Rand3DElastic`` (sm
 small rotation and scaling, nearest-neighbour so class values stay values) and kept only if its anatomy stays
 sane (:func:`check_topology`): every class of the source is still there, its volume within ``volume_range`` of
 the source's and it does not split into more than ``extra_components`` further connected pieces. A draw that
-fails is redrawn (from the same seeded stream), up to ``max_tries``.
+fails is redrawn (from the same seeded stream), up to ``max_tries``. With ``mix_prob`` a map may first take
+``mix_classes`` organs from another map of its folder and grid (:func:`mix_label_maps`); the warp then applies to that.
 
 Arrays here are raw file arrays (X, Y, Z) with their affine: a derived map has its source's voxel grid.
 """
@@ -14,7 +15,9 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -22,7 +25,8 @@ import torch.nn.functional as F
 
 from medlsdm.errors import UserError
 
-__all__ = ["DeformConfig", "derive_label_map", "check_topology", "count_components", "derive_folder"]
+__all__ = ["DeformConfig", "derive_label_map", "check_topology", "count_components", "derive_folder",
+           "mix_label_maps"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,8 @@ class DeformConfig:
     volume_range: tuple[float, float] = (0.6, 1.6)  # each class's volume vs its source's
     extra_components: int = 1  # connected pieces a class may gain (6-connectivity)
     max_tries: int = 20
+    mix_prob: float = 0.0  # probability that a derived map takes organs from another label map of the folder
+    mix_classes: int = 1  # how many non-body classes a mixed map takes from its donor
 
     def __post_init__(self) -> None:
         lo, hi = self.volume_range
@@ -44,6 +50,9 @@ class DeformConfig:
                             "extra_components >= 0; max_tries >= 1")
         if self.rotate_deg < 0 or not 0 <= self.scale < 1 or min(self.sigma) <= 0 or min(self.magnitude) < 0:
             raise UserError("derive-labels: rotation >= 0, scale in [0, 1), sigma > 0 and magnitude >= 0")
+        if not 0 <= self.mix_prob <= 1 or self.mix_classes < 1:
+            raise UserError(f"derive-labels: mix_prob must be in [0, 1], got {self.mix_prob}; "
+                            f"mix_classes >= 1, got {self.mix_classes}")
 
 
 def count_components(mask: torch.Tensor, max_iter: int = 10_000) -> int:
@@ -80,6 +89,103 @@ def check_topology(source: np.ndarray, derived: np.ndarray, cfg: DeformConfig) -
     return None
 
 
+def _ring(mask: np.ndarray) -> np.ndarray:
+    """The voxels outside ``mask`` with a 6-neighbour inside it."""
+    p = np.pad(mask, 1)
+    return (p[:-2, 1:-1, 1:-1] | p[2:, 1:-1, 1:-1] | p[1:-1, :-2, 1:-1] | p[1:-1, 2:, 1:-1] | p[1:-1, 1:-1, :-2]
+            | p[1:-1, 1:-1, 2:]) & ~mask
+
+
+def _surrounding(base: np.ndarray, mask: np.ndarray, listed: np.ndarray) -> int:
+    """The most frequent class of ``base`` among the 6-neighbours of ``mask`` that are not ``listed``, foreground
+    first (background only when nothing else borders it)."""
+    values, counts = np.unique(base[_ring(mask) & ~listed], return_counts=True)
+    if (values != 0).any():
+        values, counts = values[values != 0], counts[values != 0]
+    return int(values[np.argmax(counts)]) if values.size else 0
+
+
+def mix_label_maps(base: np.ndarray, donor: np.ndarray, classes: Sequence[int], fill: int | None = None) -> np.ndarray:
+    """``base`` with the structures of ``classes`` taken from ``donor`` (raw (X, Y, Z) int arrays, one shape).
+
+    Each listed class's voxels in ``base`` first become ``fill`` (default: the most frequent non-listed foreground
+    class bordering it in ``base``, 6-neighbourhood, e.g. the body around an organ); then the donor's voxels of the
+    listed classes are written where ``base`` is inside the body (non-zero), never into air. Other classes keep
+    ``base``'s voxels except where a pasted class overwrites them."""
+    if base.shape != donor.shape:
+        raise UserError(f"derive-labels: cannot mix label maps of shapes {base.shape} and {donor.shape}")
+    listed = sorted({int(c) for c in classes})
+    if 0 in listed or (fill is not None and fill in listed):
+        raise UserError(f"derive-labels: mixed classes must be foreground and not the fill, got {listed}, {fill}")
+    is_listed = np.isin(base, listed)
+    out = base.copy()
+    for c in listed:
+        here = base == c
+        if here.any():
+            out[here] = fill if fill is not None else _surrounding(base, here, is_listed)
+    paste = np.isin(donor, listed) & (base != 0)
+    out[paste] = donor[paste]
+    return out
+
+
+def _with_contents(classes: list[int], *maps: np.ndarray) -> list[int]:
+    """``classes`` plus every class that lies inside one of them in any of ``maps`` (it never touches background
+    and one of them is its most frequent neighbour, e.g. a lesion in the liver), so that nested structures move
+    with their organ."""
+    out = set(classes)
+    for arr in maps:
+        for d in (int(v) for v in np.unique(arr) if v != 0 and v not in out):
+            values, counts = np.unique(arr[_ring(arr == d)], return_counts=True)
+            if values.size and 0 not in values and int(values[np.argmax(counts)]) in classes:
+                out.add(d)
+    return sorted(out)
+
+
+def _check_mix(base: np.ndarray, donor: np.ndarray, mixed: np.ndarray, classes: list[int],
+               cfg: DeformConfig) -> str | None:
+    """:func:`check_topology` of a mixed map: the classes kept against ``base``, the mixed ones against ``donor``."""
+    kept = [int(c) for c in np.unique(base) if c != 0 and c not in classes]
+    for source, cs in ((base, kept), (donor, classes)):
+        why = check_topology(np.where(np.isin(source, cs), source, 0), np.where(np.isin(mixed, cs), mixed, 0), cfg)
+        if why is not None:
+            return why
+    return None
+
+
+def _mix(base: np.ndarray, mates: list[Path], rng: np.random.Generator, cfg: DeformConfig,
+         read: Callable[[Path], np.ndarray]) -> tuple[np.ndarray, str | None, list[int]]:
+    """``base`` mixed with a donor from ``mates`` (same grid; tried in a seeded order, at most ``cfg.max_tries``)
+    and the donor's name and classes, or ``base`` unchanged when no donor keeps the anatomy."""
+    values, counts = np.unique(base[base != 0], return_counts=True)
+    outer = int(values[np.argmax(counts)]) if values.size else 0  # the body: never mixed
+    for i in rng.permutation(len(mates))[: cfg.max_tries]:
+        donor = read(mates[i])
+        shared = sorted(set(values.tolist()) & set(np.unique(donor).tolist()) - {0, outer})
+        if not shared or donor.shape != base.shape:
+            continue
+        classes = sorted(int(c) for c in rng.choice(shared, size=min(cfg.mix_classes, len(shared)), replace=False))
+        classes = _with_contents(classes, base, donor)  # a lesion moves with its liver
+        if not set(classes) <= set(shared):
+            continue
+        mixed = mix_label_maps(base, donor, classes)
+        if _check_mix(base, donor, mixed, classes, cfg) is None:
+            return mixed, mates[i].name, classes
+    return base, None, []
+
+
+def _grid(path: Path) -> tuple[int, ...] | None:
+    """A NIfTI file's array shape from its header (trailing singleton dims dropped), None when unreadable."""
+    import nibabel as nib
+
+    try:
+        shape = tuple(int(d) for d in nib.load(str(path)).shape)
+    except Exception:  # read_volume says why when the file itself comes up
+        return None
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape
+
+
 def _deform(label: np.ndarray, cfg: DeformConfig, rng: np.random.Generator) -> np.ndarray:
     from monai.transforms import Rand3DElastic
 
@@ -111,7 +217,9 @@ def derive_label_map(label: np.ndarray, seed: int, cfg: DeformConfig = DeformCon
 def derive_folder(labels: Path, out: Path, n_per_label: int = 1, seed: int = 0,
                   cfg: DeformConfig = DeformConfig()) -> list[Path]:
     """``<stem>_d<k>.nii.gz`` for every label map in ``labels`` (a file or folder): the source's affine and grid,
-    a fresh header, int16 values. ``out/derive_info.json`` records the settings and each map's source and seed."""
+    a fresh header, int16 values. ``out/derive_info.json`` records the settings and each map's source and seed,
+    and its donor and mixed classes (``cfg.mix_prob``: donors are other maps of the folder with the same shape;
+    the draw comes from the map's own seed, so it does not depend on the order)."""
     import json
 
     from medlsdm.data.checks import check_exists
@@ -127,19 +235,31 @@ def derive_folder(labels: Path, out: Path, n_per_label: int = 1, seed: int = 0,
     if labels.is_dir() and out.resolve() == labels.resolve():
         raise UserError(f"{out}: --out is the --labels folder; write derived maps elsewhere")
     written, record = [], []
+    grids = {f: _grid(f) for f in files} if cfg.mix_prob > 0 and len(files) > 1 else {}
+
+    @lru_cache(maxsize=4)
+    def read(path: Path) -> np.ndarray:
+        return read_volume(path)[0].round().numpy().astype(np.int16)
+
     with folder_lock(out):
         out.mkdir(parents=True, exist_ok=True)
         for f in files:
             array, affine = read_volume(f)  # header checks, 3D, finite
             source = array.round().numpy().astype(np.int16)
             stem = f.name.split(".nii")[0]
+            mates = [g for g, shape in grids.items() if shape == source.shape and g != f]  # donors: same grid
             for k in range(n_per_label):
                 s = zlib.crc32(f"{seed}:{f.name}:{k}".encode()) & 0x7FFFFFFF  # per map, whatever the order
-                derived, tries = derive_label_map(source, s, cfg)
+                ref, donor, mixed = source, None, []
+                mix_rng = np.random.default_rng([s, 1])  # apart from the warp's stream: mix_prob 0 changes nothing
+                if mates and mix_rng.random() < cfg.mix_prob:
+                    ref, donor, mixed = _mix(source, mates, mix_rng, cfg, read)
+                derived, tries = derive_label_map(ref, s, cfg)  # checked against the mixed map
                 target = out / f"{stem}_d{k}.nii.gz"
                 write_nifti(derived, affine, target)
                 written.append(target)
-                record.append(dict(file=target.name, source=f.name, seed=s, draws=tries))
+                record.append(dict(file=target.name, source=f.name, seed=s, draws=tries, donor=donor,
+                                   mixed_classes=mixed))
         atomic_write_text(out / "derive_info.json", json.dumps(dict(settings=asdict(cfg), seed=seed, maps=record),
                                                                indent=2) + "\n")
     return written
