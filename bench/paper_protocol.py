@@ -21,6 +21,7 @@ from vqgan import phantoms
 
 from medlsdm.config import load_config
 from medlsdm.evaluation.evaluate import evaluate
+from medlsdm.evaluation.stats import ratio_with_interval, with_interval
 from medlsdm.evaluation.studies import run_augment_study
 from medlsdm.pipeline import sample_to_folder
 
@@ -60,7 +61,7 @@ def main() -> None:
     names = [n for n in cfg.data.label_names[1:]]
     t2 = ["| data | " + " | ".join(names) + " | mean (foreground) |", "|---" * (len(names) + 2) + "|"]
     def ci(value, bounds) -> str:
-        return "n/a" if value is None else f"{value:.3f} [{bounds[0]:.2f}, {bounds[1]:.2f}]"
+        return with_interval(value, bounds, missing="n/a")
 
     for row in ("real train", "real test", "synthetic"):
         d = dice[row]
@@ -69,7 +70,7 @@ def main() -> None:
     ratio = m["dice"].get("ratio", {})
 
     def rr(x: dict) -> str:
-        return "n/a" if x is None or x.get("ratio") is None else f"{x['ratio']:.2f} [{x['lo']:.2f}, {x['hi']:.2f}]"
+        return ratio_with_interval(x, missing="n/a")
 
     t2.append("| synthetic / real test | " + " | ".join(rr(ratio.get(n)) for n in names)
               + f" | **{rr(ratio.get('mean'))}** |")

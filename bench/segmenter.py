@@ -20,6 +20,7 @@ from vqgan import phantoms
 from medlsdm.config import load_config
 from medlsdm.evaluation.pairing import load_real
 from medlsdm.evaluation.segmentation import evaluate_dice, train_segmenter
+from medlsdm.evaluation.stats import with_interval
 
 BIG = dict(channels=(16, 32, 64, 128), patch=(16, 32, 32), batch_size=4, steps=1200, lr=2e-3)
 VARIANTS = {
@@ -34,7 +35,7 @@ VARIANTS = {
 
 def ci(d: dict, name: str | None = None) -> str:
     value, bounds = (d["mean"], d["mean_ci"]) if name is None else (d["per_class"][name], d["per_class_ci"][name])
-    return "-" if value is None else f"{value:.3f} [{bounds[0]:.2f}, {bounds[1]:.2f}]"
+    return with_interval(value, bounds)
 
 
 def main() -> None:

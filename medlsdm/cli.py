@@ -214,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("derive-labels", help="new label maps from the ones in hand (seeded elastic + affine)",
                        description="Warp each label map with a seeded random elastic + affine deformation "
                                    "(nearest neighbour); a draw that loses a class, changes a class's volume beyond "
-                                   "0.6-1.6x or splits it into more pieces is redrawn.")
+                                   "0.6-1.6x or splits it into more pieces is redrawn. --mix-prob first swaps in "
+                                   "organs from another label map of the folder (same shape).")
     p.add_argument("--labels", type=Path, required=True, help="a label map NIfTI file or a folder of them")
     p.add_argument("--out", type=Path, required=True, help="folder for <label>_d<k>.nii.gz and derive_info.json")
     p.add_argument("--n-per-label", type=_positive_int, default=1, help="derived maps per label map (1..10000)")
@@ -224,6 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rotate", type=float, default=None, metavar="DEG",
                    help="in-plane rotation, +- degrees (default 8)")
     p.add_argument("--scale", type=float, default=None, help="relative size change per axis, +- (default 0.08)")
+    p.add_argument("--mix-prob", type=_number(float, "between 0 and 1", lambda v: 0 <= v <= 1), default=None,
+                   metavar="P",
+                   help="probability that a derived map takes organs from another label map of the same shape in "
+                        "the folder, placed inside this map's body (default 0: no mixing)")
+    p.add_argument("--mix-classes", type=_positive_int, default=None, metavar="N",
+                   help="with --mix-prob: how many classes (never background or the body) come from the other map "
+                        "(default 1)")
     p.set_defaults(func=_cmd_derive)
 
     p = sub.add_parser("evaluate",
@@ -422,7 +430,8 @@ def _cmd_sample(a: argparse.Namespace) -> None:
 def _cmd_derive(a: argparse.Namespace) -> None:
     from medlsdm.data.derive import DeformConfig, derive_folder
 
-    given = dict(magnitude=tuple(a.magnitude) if a.magnitude else None, rotate_deg=a.rotate, scale=a.scale)
+    given = dict(magnitude=tuple(a.magnitude) if a.magnitude else None, rotate_deg=a.rotate, scale=a.scale,
+                 mix_prob=a.mix_prob, mix_classes=a.mix_classes)
     cfg = DeformConfig(**{k: v for k, v in given.items() if v is not None})
     written = derive_folder(a.labels, a.out, n_per_label=a.n_per_label, seed=a.seed, cfg=cfg)
     print(f"wrote {len(written)} derived label map(s) to {a.out} (settings and sources in derive_info.json)")
@@ -438,26 +447,32 @@ def _cmd_export(a: argparse.Namespace) -> None:
 def _cmd_evaluate(a: argparse.Namespace) -> None:
     from medlsdm.evaluation.evaluate import evaluate
 
-    evaluate(a.real, a.synthetic, a.out, train=a.train, features=a.features, feature_weights=a.feature_weights,
-             cfg=_config_for(a, a.real), seg_steps=a.seg_steps, device=a.device, lpips=not a.no_lpips,
-             privacy=not a.no_privacy)
+    m = evaluate(a.real, a.synthetic, a.out, train=a.train, features=a.features, feature_weights=a.feature_weights,
+                 cfg=_config_for(a, a.real), seg_steps=a.seg_steps, device=a.device, lpips=not a.no_lpips,
+                 privacy=not a.no_privacy)
+    _print_notes(m)
     print(f"report written to {a.out / 'report.md'}")
+
+
+def _print_notes(result: dict) -> None:
+    for note in result.get("notes", []):
+        print(f"note: {note}")
 
 
 def _cmd_segtest(a: argparse.Namespace) -> None:
     from medlsdm.evaluation.studies import run_segtest
 
-    run_segtest(a.real, a.out, cfg=_config_for(a, a.real), train=a.train, synthetic=a.synthetic, weights=a.weights,
-                steps=a.steps, seed=a.seed, device=a.device)
+    _print_notes(run_segtest(a.real, a.out, cfg=_config_for(a, a.real), train=a.train, synthetic=a.synthetic,
+                             weights=a.weights, steps=a.steps, seed=a.seed, device=a.device))
     print(f"Dice protocol written to {a.out / 'segtest.json'}")
 
 
 def _cmd_augment(a: argparse.Namespace) -> None:
     from medlsdm.evaluation.studies import run_augment_study
 
-    run_augment_study(a.real, a.synthetic, a.out, cfg=_config_for(a, a.real), n_real=a.n_real, seeds=a.seeds,
-                      steps=a.steps, device=a.device, synthetic_new=a.synthetic_new, new_labels=a.new_labels,
-                      classical=not a.no_classical)
+    _print_notes(run_augment_study(a.real, a.synthetic, a.out, cfg=_config_for(a, a.real), n_real=a.n_real,
+                                   seeds=a.seeds, steps=a.steps, device=a.device, synthetic_new=a.synthetic_new,
+                                   new_labels=a.new_labels, classical=not a.no_classical))
     print(f"augmentation study written to {a.out / 'augment.json'}")
 
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from medlsdm.errors import UserError
 from medlsdm.evaluation.metrics import (
+    adjacent_slice_changes,
     class_intensity_error,
     frechet_distance,
     frechet_from_features,
@@ -18,6 +19,7 @@ from medlsdm.evaluation.metrics import (
     lpips,
     psnr,
     rmse,
+    shape_batches,
     slices_of,
     ssim,
     wasserstein_1d,
@@ -166,3 +168,20 @@ def test_label_following_separates_a_label_following_model_from_one_that_ignores
     assert float(px[2]) > 0.01  # liver: > 10 HU off in the other subject's volume
     with pytest.raises(ValueError):
         label_following(real[:1], real[:1], labels[:1], 6)
+
+
+def test_volumes_of_several_shapes_batch_by_shape_and_pad_slice_changes_with_nan():
+    """Evaluation keeps volumes whole: batches never stack two shapes, slice profiles end where each volume ends."""
+    g = torch.Generator().manual_seed(0)
+    vols = [torch.rand(1, d, 8, 8, generator=g) for d in (4, 4, 6, 4)]
+    batches = shape_batches(vols, 4)
+    assert [tuple(b.shape) for b in batches] == [(2, 1, 4, 8, 8), (1, 1, 6, 8, 8), (1, 1, 4, 8, 8)]
+    assert all(torch.equal(x, v) for x, v in zip([x for b in batches for x in b], vols))  # in order, unchanged
+    assert [tuple(b.shape) for b in shape_batches(vols[:2] + vols[3:], 2)] == [(2, 1, 4, 8, 8), (1, 1, 4, 8, 8)]
+    ch = adjacent_slice_changes(vols)
+    assert ch.shape == (4, 5)
+    assert torch.isnan(ch[0, 3:]).all() and not torch.isnan(ch[2]).any()
+    assert torch.allclose(ch[2], adjacent_slice_changes([vols[2]])[0])
+    assert torch.allclose(ch[0, :3], adjacent_slice_changes([vols[0]])[0])
+    res = inter_slice_consistency(vols, vols)
+    assert res["wasserstein"] == pytest.approx(0.0) and math.isfinite(res["real_mean"])

@@ -83,5 +83,21 @@ def test_bad_inputs_are_user_errors():
     a = _phantom(1)
     with pytest.raises(UserError, match="synthetic set is empty"):
         privacy_audit({"t": a}, {"h": a}, {})
-    with pytest.raises(UserError, match="one shape"):
-        privacy_audit({"t": a}, {"h": a}, {"s": torch.zeros(1, 8, 32, 32)})
+
+
+def test_volumes_of_several_shapes_are_compared_on_their_shared_centre_and_the_audit_says_so():
+    """Evaluation keeps volumes whole, so sets may mix shapes: a copy of a training scan's centre is still found."""
+    a, b = _phantom(1), _phantom(2)
+    big = torch.cat([torch.full((1, 4, 32, 32), -1.0), a, torch.full((1, 4, 32, 32), 0.5)], dim=1)  # 24 slices
+    d = image_distances([a, b], [big])
+    assert float(d[0, 0]) == pytest.approx(0.0, abs=1e-9) and float(d[1, 0]) > 0.1
+    wide = torch.nn.functional.pad(a, (2, 2), value=0.7)  # W 36 vs D 24: the shared centre is ``a`` in both
+    assert float(image_distances([wide], [big])[0, 0]) == pytest.approx(0.0, abs=1e-9)
+    assert float(image_distances([wide], [a])[0, 0]) == pytest.approx(0.0, abs=1e-9)
+    assert float(image_distances([torch.nn.functional.pad(a, (4, 0), value=0.7)], [a])[0, 0]) > 0.1  # off centre
+    train = VolumeSet(ids=["t0", "t1"], images=[big, _phantom(3)])
+    audit = privacy_audit(train, {"h": _phantom(9), "h2": _phantom(10)}, {"s": a.clone()},
+                          extractor=lambda v: v.mean(dim=(2, 3, 4)))
+    assert audit["image"]["flagged"] == ["s"] and audit["closest_pairs"][0]["train"] == "t0"
+    assert "2 shapes" in audit["note_shapes"] and "central region" in audit["note_shapes"]
+    assert "note_shapes" not in privacy_audit({"t": a}, {"h": b}, {"s": a.clone()})

@@ -158,3 +158,32 @@ def test_jsonable_is_strict_json():
     out = jsonable({"psnr": math.inf, "x": math.nan, "t": (1, np.float32(2.5)), "p": Path("a/b")})
     assert out == {"psnr": "inf", "x": None, "t": [1, 2.5], "p": "a/b"}
     json.dumps(out, allow_nan=False)
+
+
+def test_volumes_larger_than_the_config_are_evaluated_whole_never_cropped(cfg, tmp_path):
+    """24-slice volumes under a 16-slice config: the synthetic volumes differ from their partners only in the 4
+    slices at each end that a centre crop to 16 would drop, so a cropping evaluation would score them identical."""
+    data = write_phantom_dataset(tmp_path / "big", 5, shape=(24, 32, 32), seed=7, test_fraction=0.4, progress=False)
+    syn = tmp_path / "syn"
+    syn.mkdir()
+    for f in sorted((data / "imagesTs").glob("*_0000.nii.gz")):
+        img = nib.load(f)
+        a = img.get_fdata().astype(np.float32)
+        assert a.shape[2] == 24  # file axes (X, Y, Z): Z is depth
+        a[:, :, :4] += 300.0
+        a[:, :, -4:] -= 300.0
+        nib.save(nib.Nifti1Image(a, img.affine), syn / f.name.replace("_0000.nii.gz", "_s0.nii.gz"))
+    m = evaluate(data, syn, tmp_path / "out", train=data, features="random-medicalnet", cfg=cfg, lpips=False,
+                 progress=False)
+    assert m["inputs"]["n_real"] == 2 and m["inputs"]["n_train"] == 3
+    assert all(v < 0.999 for v in m["paired"]["ssim"]["per_volume"].values())  # the end slices count
+    assert all(v != "inf" and v < 60 for v in m["paired"]["psnr"]["per_volume"].values())
+    assert any("evaluated whole, not cropped" in n for n in m["notes"])
+    assert "evaluated whole" in (tmp_path / "out" / "report.md").read_text()
+    assert m["dice"]["table"]["real test"]["n"] == 2
+    # the loaders: whole by default in evaluation, the training crop only when asked for
+    cases = real_cases(data)
+    assert load_cases(cases, cfg.data).images[0].shape == (1, 24, 32, 32)
+    assert load_cases(cases, cfg.data, keep_larger=None).images[0].shape == (1, 16, 32, 32)
+    real_set = load_cases(cases, cfg.data)
+    assert real_set.larger_than((16, 32, 32)) == real_set.ids and real_set.larger_than((24, 32, 32)) == []

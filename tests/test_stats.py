@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medlsdm.evaluation.stats import bootstrap_mean, bootstrap_ratio, paired_gain
+from medlsdm.evaluation.stats import bootstrap_mean, bootstrap_ratio, paired_gain, ratio_with_interval, with_interval
 
 
 def test_bootstrap_mean_covers_the_true_mean_at_about_95_percent() -> None:
@@ -46,3 +46,11 @@ def test_class_mean_interval_is_around_the_same_statistic() -> None:
     r = bootstrap_class_mean(rows)
     assert r["mean"] == pytest.approx((0.875 + 0.3) / 2) and r["lo"] <= r["mean"] <= r["hi"] and r["n"] == 4
     assert bootstrap_class_mean([[None, None]])["mean"] is None
+
+
+def test_interval_formatting_is_the_one_every_report_uses():
+    assert with_interval(0.91234, [0.8812, 0.9449]) == "0.912 [0.88, 0.94]"
+    assert with_interval(0.5, None) == "0.500" and with_interval(0.5, [None, None]) == "0.500"
+    assert with_interval(None, [0.1, 0.2]) == "-" and with_interval(None, missing="n/a") == "n/a"
+    assert ratio_with_interval({"ratio": 0.9, "lo": 0.84, "hi": 0.961}) == "0.90 [0.84, 0.96]"
+    assert ratio_with_interval({"ratio": None, "lo": None, "hi": None}) == "-" and ratio_with_interval(None) == "-"

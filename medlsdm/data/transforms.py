@@ -225,10 +225,12 @@ def preprocess(
     return out, geometry
 
 
-def load_image(path: str | Path, cfg: DataConfig) -> tuple[torch.Tensor, LabelGeometry]:
-    """Image file/folder -> (FloatTensor (1, D, H, W) in [-1, 1], geometry)."""
+def load_image(
+    path: str | Path, cfg: DataConfig, keep_larger: tuple[int, int, int] | None = None
+) -> tuple[torch.Tensor, LabelGeometry]:
+    """Image file/folder -> (FloatTensor (1, D, H, W) in [-1, 1], geometry); ``keep_larger``: see :func:`preprocess`."""
     array, affine = read_volume(path)
-    return preprocess(array, affine, cfg, is_label=False)
+    return preprocess(array, affine, cfg, is_label=False, keep_larger=keep_larger)
 
 
 def load_label_map(
@@ -241,12 +243,14 @@ def load_label_map(
 
 
 def load_case(
-    case: Case, cfg: DataConfig, with_image: bool = True, with_label: bool = True, return_geometry: bool = False
+    case: Case, cfg: DataConfig, with_image: bool = True, with_label: bool = True, return_geometry: bool = False,
+    keep_larger: tuple[int, int, int] | None = None,
 ) -> dict:
     """One case -> ``dict(image=(1, D, H, W) float or None, label=(1, D, H, W) long or None, id=str)``.
 
     Image and label map must share the voxel grid. With ``return_geometry`` the dict also holds
-    ``geometry`` (the image's, or the label map's when there is no image).
+    ``geometry`` (the image's, or the label map's when there is no image). ``keep_larger``: see
+    :func:`preprocess` (evaluation keeps whole volumes).
     """
     sample: dict = {"id": case.id, "image": None, "label": None}
     image = label = None
@@ -259,10 +263,10 @@ def load_case(
         check_same_geometry(image[0].shape, image[1], label[0].shape, label[1], case.image, case.label)
         label = (label[0], image[1])  # one grid for both, so resampling gives identical shapes
     if image is not None:
-        sample["image"], geometry = preprocess(*image, cfg, is_label=False)
+        sample["image"], geometry = preprocess(*image, cfg, is_label=False, keep_larger=keep_larger)
         sample["geometry"] = geometry
     if label is not None:
-        sample["label"], geometry = preprocess(*label, cfg, is_label=True)
+        sample["label"], geometry = preprocess(*label, cfg, is_label=True, keep_larger=keep_larger)
         sample.setdefault("geometry", geometry)
     if not return_geometry:
         sample.pop("geometry", None)

@@ -56,6 +56,16 @@ def jsonable(obj: Any) -> Any:
     return obj
 
 
+def whole_volumes_note(cfg: Config, *sets: VolumeSet | None) -> str | None:
+    """Which volumes were larger than ``cfg.data.shape`` and were evaluated whole (evaluation never crops)."""
+    big = [i for s in sets if s is not None for i in s.larger_than(tuple(cfg.data.shape))]
+    if not big:
+        return None
+    shape = "x".join(map(str, cfg.data.shape))
+    return (f"{len(big)} volume(s) larger than the configured shape {shape} were evaluated whole, not cropped "
+            f"({', '.join(big[:3])}{', ...' if len(big) > 3 else ''})")
+
+
 def _stats(values: dict[str, float]) -> dict:
     v = np.array([x for x in values.values() if math.isfinite(x)], dtype=float)
     return dict(mean=float(v.mean()) if v.size else float("nan"), std=float(v.std()) if v.size else float("nan"),
@@ -172,6 +182,8 @@ def evaluate(
         shape=list(cfg.data.shape), modality=cfg.data.modality, features=kinds,
         pairs={s: real_set.ids[i] for s, i in zip(synth_set.ids, partner)},
     ), "notes": []}
+    if whole := whole_volumes_note(cfg, real_set, synth_set, train_set):
+        metrics["notes"].append(whole)
     metrics["paired"] = paired_metrics(real_set, synth_set, partner, cfg, with_lpips=lpips)
     metrics["fidelity"] = paired_fidelity(real_set, synth_set, partner, cfg)
     metrics["inter_slice"] = M.inter_slice_consistency(real_set.images, synth_set.images)

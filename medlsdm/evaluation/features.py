@@ -28,7 +28,7 @@ from tqdm import tqdm
 from medlsdm.errors import UserError
 from medlsdm.evaluation.inception import FID_WEIGHTS_FILE, InceptionV3FID, random_inception
 from medlsdm.evaluation.medicalnet import MedicalNetResNet, random_medicalnet
-from medlsdm.evaluation.metrics import PLANES, Volumes, as_batch, frechet_from_features, slices_of
+from medlsdm.evaluation.metrics import PLANES, Volumes, frechet_from_features, shape_batches, slices_of
 from medlsdm.io import file_sha256, load_checked
 
 KINDS = ("inception", "random-inception", "medicalnet", "random-medicalnet", "domain")
@@ -221,10 +221,9 @@ def load_extractor(kind: str, weights: str | None = None, *, depth: int = 10,
 
 def _collect(volumes: Volumes, fn: Callable[[torch.Tensor], torch.Tensor], batch_size: int, progress: bool,
              desc: str) -> torch.Tensor:
-    """Run ``fn`` over (b, 1, D, H, W) batches of ``volumes`` and concatenate its (n, F) outputs."""
-    items = list(volumes) if not isinstance(volumes, torch.Tensor) else volumes
-    starts = range(0, len(items), batch_size)
-    return torch.cat([fn(as_batch(items[i : i + batch_size])) for i in tqdm(starts, desc=desc, disable=not progress)])
+    """Run ``fn`` over (b, 1, D, H, W) batches of ``volumes`` (of one shape each) and concatenate its (n, F)
+    outputs."""
+    return torch.cat([fn(b) for b in tqdm(shape_batches(volumes, batch_size), desc=desc, disable=not progress)])
 
 
 def fid_2d(real_vols: Volumes, synth_vols: Volumes, extractor: FeatureExtractor, plane: str = "axial",

@@ -43,6 +43,19 @@ def as_batch(volumes: Volumes) -> torch.Tensor:
     return x.float()
 
 
+def shape_batches(volumes: Volumes, batch_size: int) -> list[torch.Tensor]:
+    """(b, 1, D, H, W) batches of at most ``batch_size`` consecutive volumes of one shape, in order (evaluation
+    keeps volumes whole, so a set may hold several shapes)."""
+    items = list(volumes) if not isinstance(volumes, torch.Tensor) else volumes
+    groups: list[list] = []
+    for v in items:
+        if groups and len(groups[-1]) < batch_size and tuple(v.shape[-3:]) == tuple(groups[-1][0].shape[-3:]):
+            groups[-1].append(v)
+        else:
+            groups.append([v])
+    return [as_batch(g) for g in groups]
+
+
 def slices_of(volumes: torch.Tensor, plane: str) -> torch.Tensor:
     """(B, 1, D, H, W) -> (B * S, 1, h, w): every slice of ``plane`` (S = D, H or W)."""
     if plane not in PLANES:
@@ -154,7 +167,14 @@ def frechet_from_features(f1, f2) -> float:
 
 def adjacent_slice_changes(volumes: Volumes, eps: float = 1e-6) -> torch.Tensor:
     """(B, 1, D, H, W) -> (B, D - 1): mean |x[d+1] - x[d]| of each adjacent slice pair, divided by the
-    volume's intensity standard deviation (so a global contrast change does not count)."""
+    volume's intensity standard deviation (so a global contrast change does not count). A sequence of volumes
+    of several shapes gives (B, max D - 1), NaN past each volume's own last pair."""
+    if not isinstance(volumes, (torch.Tensor, np.ndarray)) and len({tuple(v.shape[-3:]) for v in volumes}) > 1:
+        rows = [adjacent_slice_changes([v], eps)[0] for v in volumes]
+        out = torch.full((len(rows), max(len(r) for r in rows)), float("nan"), dtype=torch.float64)
+        for i, r in enumerate(rows):
+            out[i, : len(r)] = r
+        return out
     x = as_batch(volumes).double()[:, 0]
     if x.shape[1] < 2:
         raise UserError(f"inter-slice consistency: volumes need at least 2 slices, got D={x.shape[1]}")
@@ -181,6 +201,7 @@ def inter_slice_consistency(real_volumes: Volumes, synthetic_volumes: Volumes) -
     ``synthetic_mean``; a synthetic mean well above the real one means jumpy slices).
     """
     real, synth = adjacent_slice_changes(real_volumes), adjacent_slice_changes(synthetic_volumes)
+    real, synth = real[~real.isnan()], synth[~synth.isnan()]  # volumes of several depths
     return {
         "wasserstein": wasserstein_1d(real, synth),
         "real_mean": float(real.mean()),

@@ -3,8 +3,9 @@
 ``medlsdm sample`` writes ``<labelname>_s<k>.nii.gz``; the real partner of that file is the case whose
 label map is ``<labelname>`` (nnU-Net: ``imagesTs/<labelname>_0000.nii.gz``; other layouts: the case
 id). A synthetic file without the ``_s<k>`` suffix pairs by its whole name. Every volume is preprocessed
-exactly like training data (``cfg.data``): tensors are (1, D, H, W), images in [-1, 1], labels class
-indices. All input problems are one-line :class:`UserError` s naming the file.
+like training data (``cfg.data``) except that evaluation never crops: an axis longer than ``cfg.shape`` is
+kept whole (:data:`WHOLE`), so a set may hold several shapes. Tensors are (1, D, H, W), images in [-1, 1],
+labels class indices. All input problems are one-line :class:`UserError` s naming the file.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from medlsdm.data.layouts import Case, detect_layout, find_cases
 from medlsdm.data.transforms import load_case, load_image
 from medlsdm.errors import UserError
 
+WHOLE = (1, 1, 1)  # ``keep_larger`` of evaluation: axes longer than cfg.shape are kept whole, never cropped
 _NIFTI = re.compile(r"\.nii(\.gz)?$")
 _SAMPLE = re.compile(r"^(?P<name>.+)_s(?P<k>\d+)$")
 
@@ -51,6 +53,11 @@ class VolumeSet:
     def labelled(self) -> bool:
         return len(self) > 0 and all(lab is not None for lab in self.labels)
 
+    def larger_than(self, shape: tuple[int, ...]) -> list[str]:
+        """Ids of the volumes with an axis longer than ``shape`` (D, H, W): those kept whole."""
+        return [i for i, x, y in zip(self.ids, self.images, self.labels)
+                if any(n > m for n, m in zip((x if x is not None else y).shape[1:], shape))]
+
 
 def _display_spacing(geometry, cfg: DataConfig) -> tuple[float, float, float] | None:
     if cfg.spacing is not None:
@@ -68,13 +75,15 @@ def real_cases(root: str | Path, split: str = "test", layout: str = "auto") -> l
     return cases
 
 
-def load_cases(cases: list[Case], cfg: DataConfig, need_labels: bool = False) -> VolumeSet:
-    """Read and preprocess ``cases``; with ``need_labels`` a case without a label map is an error."""
+def load_cases(cases: list[Case], cfg: DataConfig, need_labels: bool = False,
+               keep_larger: tuple[int, int, int] | None = WHOLE) -> VolumeSet:
+    """Read and preprocess ``cases`` (whole: see :data:`WHOLE`; ``keep_larger=None`` crops to ``cfg.shape`` as
+    training does); with ``need_labels`` a case without a label map is an error."""
     out = VolumeSet()
     for case in cases:
         if need_labels and case.label is None:
             raise UserError(f"{case.image}: no label map for case '{case.id}' (needed for the Dice protocol)")
-        sample = load_case(case, cfg, return_geometry=True)
+        sample = load_case(case, cfg, return_geometry=True, keep_larger=keep_larger)
         out.ids.append(case.id)
         out.images.append(sample["image"])
         out.labels.append(sample["label"])
@@ -153,7 +162,7 @@ def load_synthetic(folder: str | Path, real: list[Case], real_set: VolumeSet, cf
     """Synthetic volumes (labels = their real partner's label map) and, per volume, its partner's index."""
     out, partner = VolumeSet(spacing=real_set.spacing), []
     for path, i in pair_synthetic(folder, real, require_all):
-        image, _ = load_image(path, cfg)
+        image, _ = load_image(path, cfg, keep_larger=WHOLE)
         ref = real_set.images[i] if real_set.images[i] is not None else real_set.labels[i]  # a label map alone
         if image.shape != ref.shape:
             raise UserError(f"{path}: preprocessed shape {tuple(image.shape)} differs from its real partner's "

@@ -7,7 +7,7 @@ distance). The reference is how close *real held-out* volumes come to the traini
 volume nearer to a training scan than the 5th percentile of those real-to-training distances is
 flagged. A generator that copies training scans gets flagged volumes; one that generalises does not.
 
-Volumes are (1, D, H, W) tensors of one shape, preprocessed as in training.
+Volumes are (1, D, H, W) tensors preprocessed as in evaluation (whole: shapes may differ, see ``image_distances``).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from medlsdm.errors import UserError
+from medlsdm.evaluation.metrics import shape_batches
 from medlsdm.evaluation.pairing import VolumeSet
 
 Named = VolumeSet | Mapping[str, Tensor]
@@ -39,18 +40,36 @@ def _zscore(v: Tensor) -> Tensor:
     return (v - v.mean()) / v.std().clamp_min(1e-8)
 
 
+def _centre(v: Tensor, shape: Sequence[int]) -> Tensor:
+    """The central ``shape`` (D, H, W) region of a (1, D, H, W) volume."""
+    starts = [(n - m) // 2 for n, m in zip(v.shape[-3:], shape)]
+    return v[..., starts[0]:starts[0] + shape[0], starts[1]:starts[1] + shape[1], starts[2]:starts[2] + shape[2]]
+
+
 def image_distances(queries: Sequence[Tensor], train: Sequence[Tensor]) -> Tensor:
-    """(Q, N) normalised-L2 distances: RMS difference of z-scored volumes (0 = same scan, sqrt(2) = unrelated)."""
-    shapes = {tuple(v.shape) for v in (*queries, *train)}
-    if len(shapes) != 1:
-        raise UserError(f"privacy audit: volumes must share one shape, got {sorted(shapes)}")
+    """(Q, N) normalised-L2 distances: RMS difference of z-scored volumes (0 = same scan, sqrt(2) = unrelated).
+    Two volumes of different shapes are compared on the central region they share (:func:`shared_region_note`)."""
     zt = [_zscore(t) for t in train]
     out = torch.empty(len(queries), len(train), dtype=torch.float64)
     for i, q in enumerate(queries):
         zq = _zscore(q)
-        for j, t in enumerate(zt):
-            out[i, j] = (zq - t).pow(2).mean().sqrt()
+        for j, t in enumerate(train):
+            if q.shape == t.shape:
+                out[i, j] = (zq - zt[j]).pow(2).mean().sqrt()
+            else:
+                common = [min(a, b) for a, b in zip(q.shape[-3:], t.shape[-3:])]
+                out[i, j] = (_zscore(_centre(q, common)) - _zscore(_centre(t, common))).pow(2).mean().sqrt()
     return out
+
+
+def shared_region_note(*sets: Sequence[Tensor]) -> str | None:
+    """Why some image distances saw only part of a volume (None when every volume has one shape)."""
+    shapes = sorted({tuple(v.shape[-3:]) for vols in sets for v in vols})
+    if len(shapes) < 2:
+        return None
+    return (f"volumes of {len(shapes)} shapes ({', '.join('x'.join(map(str, s)) for s in shapes)}): image distances "
+            "between two volumes of different shapes are computed on the central region they share; feature "
+            "distances use whole volumes")
 
 
 def feature_distances(queries: Tensor, train: Tensor) -> Tensor:
@@ -79,8 +98,7 @@ def _space(d_synth: Tensor, d_real: Tensor, synth_ids: list[str], real_ids: list
 
 def _extract(extractor: Callable[[Tensor], Tensor], vols: list[Tensor], batch: int = 4) -> Tensor:
     with torch.no_grad():
-        return torch.cat([extractor(torch.stack(vols[i : i + batch])).flatten(1).cpu()
-                          for i in range(0, len(vols), batch)])
+        return torch.cat([extractor(b).flatten(1).cpu() for b in shape_batches(vols, batch)])
 
 
 def privacy_audit(
@@ -116,6 +134,8 @@ def privacy_audit(
     out["exact_copies"] = [r["id"] for r in nearest if r["distance"] < EXACT]
     out["closest_pairs"] = [dict(synthetic=r["id"], train=r["nearest_train"], distance=r["distance"])
                             for r in nearest[:top_k]]
+    if (note := shared_region_note(train, real, synth)) is not None:
+        out["note_shapes"] = note
     if len(real) < 20:
         out["note"] = (f"only {len(real)} real held-out volume(s): the {PERCENTILE:g}th-percentile threshold is "
                        "close to their minimum distance and is a rough reference")

@@ -21,6 +21,7 @@ from medlsdm.data.display import describe_window, display_window, native_unit
 from medlsdm.data.transforms import denormalize
 from medlsdm.evaluation.fidelity import markdown as fidelity_markdown
 from medlsdm.evaluation.pairing import VolumeSet
+from medlsdm.evaluation.stats import ratio_with_interval, with_interval
 from medlsdm.io import atomic_path, atomic_write_text
 from medlsdm.viz import montage
 
@@ -169,14 +170,16 @@ def dice_figure(path: Path, table: dict) -> str:
 
 
 def slice_profile_figure(path: Path, real: torch.Tensor, synthetic: torch.Tensor) -> str:
-    """Mean normalised change between adjacent slices along depth, real vs synthetic ((B, D-1) inputs)."""
+    """Mean normalised change between adjacent slices along depth, real vs synthetic ((B, D-1) inputs; NaN past
+    the end of a shorter volume)."""
     fig = Figure(figsize=(5.0, 2.6), dpi=100)
     ax = fig.subplots()
     for x, colour, name in ((real, REAL, "real"), (synthetic, SYNTH, "synthetic")):
-        mean = x.mean(0).numpy()
+        x = x.numpy()
+        mean = np.nanmean(x, 0)
         ax.plot(np.arange(len(mean)) + 0.5, mean, color=colour, label=name, marker="o", ms=3)
         if len(x) > 1:
-            std = x.std(0).numpy()
+            std = np.nan_to_num(np.nanstd(x, 0))
             ax.fill_between(np.arange(len(mean)) + 0.5, mean - std, mean + std, color=colour, alpha=0.2)
     ax.set_xlabel("slice pair (d, d+1)", fontsize=8)
     ax.set_ylabel("mean |Δ| / std", fontsize=8)
@@ -218,11 +221,7 @@ def _dice_section(dice: dict) -> list[str]:
     table = dice["table"]
     classes = list(next(iter(table.values()))["per_class"])
 
-    def cell(value, ci) -> str:  # "0.912 [0.88, 0.94]": the 95% bootstrap interval over volumes
-        if value is None:
-            return "-"
-        return f"{value:.3f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci and ci[0] is not None else "")
-
+    cell = with_interval  # "0.912 [0.88, 0.94]": the 95% bootstrap interval over volumes
     rows = [[row, v["n"], cell(v["mean"], v.get("mean_ci")),
              *[cell(v["per_class"][c], v.get("per_class_ci", {}).get(c)) for c in classes]] for row, v in table.items()]
     out = ["## Dice protocol (paper Table 2)", "",
@@ -232,9 +231,7 @@ def _dice_section(dice: dict) -> list[str]:
            *_table(["data", "volumes", "mean Dice", *classes], rows)]
     ratio = dice.get("ratio")
     if ratio:
-        def r(x: dict) -> str:
-            return "-" if x["ratio"] is None else f"{x['ratio']:.2f} [{x['lo']:.2f}, {x['hi']:.2f}]"
-
+        r = ratio_with_interval
         out += ["Synthetic / real-test Dice (1 = the segmenter finds the anatomy in synthetic volumes as well as "
                 "in real ones):", "", *_table(["mean", *classes], [[r(ratio["mean"]), *[r(ratio[c]) for c in classes
                                                                                     if c in ratio]]])]

@@ -10,7 +10,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["bootstrap_mean", "bootstrap_ratio", "bootstrap_class_mean", "paired_gain"]
+__all__ = ["bootstrap_mean", "bootstrap_ratio", "bootstrap_class_mean", "paired_gain", "with_interval",
+           "ratio_with_interval"]
 
 N_RESAMPLES = 2000
 
@@ -78,3 +79,22 @@ def bootstrap_class_mean(rows: Sequence[Sequence[float | None]], level: float = 
     tail = 100 * (1 - level) / 2
     return dict(mean=stat(x), lo=float(np.percentile(stats, tail)), hi=float(np.percentile(stats, 100 - tail)),
                 n=int(len(x)))
+
+
+def with_interval(value: float | None, bounds: Sequence[float | None] | None = None, digits: int = 3,
+                  bound_digits: int = 2, missing: str = "-") -> str:
+    """``"0.912 [0.88, 0.94]"``: a figure with its interval, as every report and bench writes it (``missing`` for
+    None; the value alone when the bounds are unknown)."""
+    if value is None:
+        return missing
+    text = f"{value:.{digits}f}"
+    if bounds is not None and len(bounds) == 2 and bounds[0] is not None and bounds[1] is not None:
+        text += f" [{bounds[0]:.{bound_digits}f}, {bounds[1]:.{bound_digits}f}]"
+    return text
+
+
+def ratio_with_interval(ratio: dict | None, digits: int = 2, missing: str = "-") -> str:
+    """A :func:`bootstrap_ratio` result as ``"0.90 [0.84, 0.96]"``."""
+    if not ratio or ratio.get("ratio") is None:
+        return missing
+    return with_interval(ratio["ratio"], (ratio["lo"], ratio["hi"]), digits, digits, missing)

@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from medlsdm.config import Config
 from medlsdm.devices import resolve_device
 from medlsdm.errors import UserError
-from medlsdm.evaluation.evaluate import as_config, jsonable, test_split
+from medlsdm.evaluation.evaluate import as_config, jsonable, test_split, whole_volumes_note
 from medlsdm.evaluation.pairing import label_files, load_cases, load_real, load_synthetic, real_cases, synthetic_files
 from medlsdm.evaluation.report import REAL, SYNTH, dice_figure, save_figure
 from medlsdm.evaluation.segmentation import augment_study, dice_protocol, load_segmenter
@@ -47,8 +47,9 @@ def run_segtest(
     model = load_segmenter(weights, cfg, dev)[0] if weights is not None else None
     result = dice_protocol(train_set, test_set, synth_set, cfg, model=model, steps=steps, seed=seed,
                            out_path=None if weights else out / "segmenter.safetensors", device=dev, progress=progress)
+    note = whole_volumes_note(cfg, test_set, train_set, synth_set)
     result = jsonable(dict(result, inputs=dict(real=str(real), train=str(train or real), synthetic=synthetic,
-                                               weights=weights, config=cfg.name)))
+                                               weights=weights, config=cfg.name), notes=[note] if note else []))
     result["figure"] = dice_figure(out / "dice.png", result["table"])
     atomic_write_text(out / "segtest.json", json.dumps(result, indent=2) + "\n")
     return result
@@ -129,6 +130,8 @@ def run_augment_study(
     study = augment_study(small, synth, test_set, cfg, seeds=seeds, steps=steps, device=dev, progress=progress,
                           synthetic_new=new, classical=classical)
     study["inputs"] = dict(real=str(real), synthetic=str(synthetic), real_subset=small.ids, config=cfg.name)
+    note = whole_volumes_note(cfg, small, test_set, synth, new)
+    study["notes"] = [note] if note else []
     study = jsonable(study)
     study["figure"] = augment_figure(out / "augment.png", study)
     atomic_write_text(out / "augment.json", json.dumps(study, indent=2) + "\n")
