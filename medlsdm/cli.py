@@ -62,6 +62,24 @@ def _add_config(p: argparse.ArgumentParser, planned: str = "the plan of the data
                    help="override one config value, e.g. --set ldm.sampler=ddim (repeatable; validated like the file)")
 
 
+def _add_model_config(p: argparse.ArgumentParser) -> None:
+    """--config, --set and --model for the evaluation commands: without --config, the model's config, else a plan."""
+    _add_config(p, planned="the config of --model, else the plan of the data")
+    p.add_argument("--model", type=Path, default=None,
+                   help="the run or export that made the synthetic volumes: without --config its config.yaml "
+                        "(preprocessing, classes, segmenter) is used")
+
+
+def _model_config(a: argparse.Namespace) -> Path | None:
+    """``--model``'s config.yaml (None without --model); a model folder without one is a one-line error."""
+    if getattr(a, "model", None) is None:
+        return None
+    path = Path(a.model) / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"{a.model}: no config.yaml here (--model takes a train-ldm run folder or an export)")
+    return path
+
+
 def _add_data(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--data", type=Path, required=required, help="data folder or manifest (CSV/JSON)")
     p.add_argument("--layout", default="auto",
@@ -253,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "auto = domain with --train, else random-medicalnet)")
     p.add_argument("--feature-weights", default=None,
                    help="weights file for the extractor (pytorch-fid Inception, MedicalNet, or a saved segmenter)")
-    _add_config(p)
+    _add_model_config(p)
     p.add_argument("--seg-steps", type=_positive_int, default=None, help="segmenter training steps (default: config)")
     p.add_argument("--no-lpips", action="store_true", help="skip LPIPS (slow on CPU)")
     p.add_argument("--no-privacy", action="store_true", help="skip the privacy audit")
@@ -270,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", type=Path, default=None, help="training set (default: --real's training split)")
     p.add_argument("--synthetic", type=Path, default=None, help="synthetic volumes generated from the test label maps")
     p.add_argument("--weights", type=Path, default=None, help="a saved segmenter to evaluate instead of training one")
-    _add_config(p)
+    _add_model_config(p)
     p.add_argument("--steps", type=_positive_int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", type=_device, default="auto")
@@ -293,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="synthetic volumes generated from new label maps (medlsdm derive-labels): a fourth arm")
     p.add_argument("--new-labels", type=Path, default=None, help="the derived label maps of --synthetic-new")
     p.add_argument("--no-classical", action="store_true", help="leave out the classical-augmentation arm")
-    _add_config(p)
+    _add_model_config(p)
     p.add_argument("--steps", type=_positive_int, default=None)
     p.add_argument("--device", type=_device, default="auto")
     p.set_defaults(func=_cmd_augment)
@@ -447,9 +465,9 @@ def _cmd_export(a: argparse.Namespace) -> None:
 def _cmd_evaluate(a: argparse.Namespace) -> None:
     from medlsdm.evaluation.evaluate import evaluate
 
+    cfg = _config_for(a, a.real, _model_config(a))
     m = evaluate(a.real, a.synthetic, a.out, train=a.train, features=a.features, feature_weights=a.feature_weights,
-                 cfg=_config_for(a, a.real), seg_steps=a.seg_steps, device=a.device, lpips=not a.no_lpips,
-                 privacy=not a.no_privacy)
+                 cfg=cfg, seg_steps=a.seg_steps, device=a.device, lpips=not a.no_lpips, privacy=not a.no_privacy)
     _print_notes(m)
     print(f"report written to {a.out / 'report.md'}")
 
@@ -462,15 +480,17 @@ def _print_notes(result: dict) -> None:
 def _cmd_segtest(a: argparse.Namespace) -> None:
     from medlsdm.evaluation.studies import run_segtest
 
-    _print_notes(run_segtest(a.real, a.out, cfg=_config_for(a, a.real), train=a.train, synthetic=a.synthetic,
-                             weights=a.weights, steps=a.steps, seed=a.seed, device=a.device))
+    cfg = _config_for(a, a.real, _model_config(a))
+    _print_notes(run_segtest(a.real, a.out, cfg=cfg, train=a.train, synthetic=a.synthetic, weights=a.weights,
+                             steps=a.steps, seed=a.seed, device=a.device))
     print(f"Dice protocol written to {a.out / 'segtest.json'}")
 
 
 def _cmd_augment(a: argparse.Namespace) -> None:
     from medlsdm.evaluation.studies import run_augment_study
 
-    _print_notes(run_augment_study(a.real, a.synthetic, a.out, cfg=_config_for(a, a.real), n_real=a.n_real,
+    cfg = _config_for(a, a.real, _model_config(a))
+    _print_notes(run_augment_study(a.real, a.synthetic, a.out, cfg=cfg, n_real=a.n_real,
                                    seeds=a.seeds, steps=a.steps, device=a.device, synthetic_new=a.synthetic_new,
                                    new_labels=a.new_labels, classical=not a.no_classical))
     print(f"augmentation study written to {a.out / 'augment.json'}")

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from data_helpers import write_nifti
 
-from medlsdm.cli import _config_for, main
+from medlsdm.cli import _config_for, _model_config, main
 from medlsdm.config import load_config
 from medlsdm.data.plan import check_config_against_data, fingerprint, plan_config
 from medlsdm.errors import UserError
@@ -91,6 +91,16 @@ def test_commands_without_config_use_the_plan_and_contradictions_stop(tmp_path: 
     # evaluation commands resolve their config through the same function (the plan of --real)
     ns = argparse.Namespace(config=None, set=[], layout="auto", label_dir=None)
     assert _config_for(ns, mr).data.modality == "mr"
+    # ... or, with --model, through the config of the run that made the volumes (its segmenter too)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["seg"]["steps"] = 7
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with_model = argparse.Namespace(config=None, set=[], layout="auto", label_dir=None, model=run)
+    assert _config_for(with_model, mr, _model_config(with_model)).seg.steps == 7
+    assert _config_for(argparse.Namespace(**{**vars(with_model), "set": ["seg.steps=9"]}), mr,
+                       _model_config(with_model)).seg.steps == 9
+    with pytest.raises(UserError, match="no config.yaml here"):
+        _model_config(argparse.Namespace(model=tmp_path))
     capsys.readouterr()
     assert main(["train-vqgan", "--data", str(mr), "--config", "tiny", "--out", str(tmp_path / "x"),
                  "--max-steps", "1"]) == 2
