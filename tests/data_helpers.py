@@ -51,8 +51,10 @@ def write_pair(root: Path, name: str, seed: int = 0, image_suffix: str = "") -> 
     return img, lab
 
 
-def write_dicom_series(folder: Path, n_slices: int = 4, rows: int = 12, cols: int = 10) -> np.ndarray:
-    """A CT series with RescaleSlope/Intercept and PatientName; returns the stored HU values (Z, rows, cols)."""
+def write_dicom_series(folder: Path, n_slices: int = 4, rows: int = 12, cols: int = 10,
+                       sagittal: bool = False) -> np.ndarray:
+    """A CT series with RescaleSlope/Intercept and PatientName; returns the stored HU values (Z, rows, cols).
+    Axial slices, or with ``sagittal`` slices stacked left -> right whose rows run posterior and columns inferior."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
@@ -76,8 +78,12 @@ def write_dicom_series(folder: Path, n_slices: int = 4, rows: int = 12, cols: in
         ds.PatientName = PATIENT_NAME
         ds.PatientID = "ID-12345"
         ds.InstanceNumber = k + 1
-        ds.ImagePositionPatient = [-10.0, -20.0, 5.0 + 3.0 * k]
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        if sagittal:
+            ds.ImagePositionPatient = [5.0 + 3.0 * k, -20.0, 10.0]
+            ds.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
+        else:
+            ds.ImagePositionPatient = [-10.0, -20.0, 5.0 + 3.0 * k]
+            ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
         ds.PixelSpacing = [0.9, 0.7]  # row spacing, column spacing
         ds.SliceThickness = 3.0
         ds.Rows, ds.Columns = rows, cols

@@ -78,6 +78,29 @@ def test_ct_without_dataset_json_is_recognised_by_its_air(tmp_path: Path) -> Non
     assert plan_config(fp)[0].data.label_names == ["background", "class_1"]
 
 
+def test_dicom_geometry_is_ras_dhw_like_nifti_and_preprocessing(tmp_path: Path) -> None:
+    """A sagittal DICOM series (file axes P, I, R) is planned in the RAS (D, H, W) order that preprocessing uses, as
+    the same volume written as NIfTI is."""
+    from data_helpers import write_dicom_series
+
+    from medlsdm.config import DataConfig
+    from medlsdm.data.plan import _volume_geometry
+    from medlsdm.data.transforms import preprocess, read_volume
+
+    series = tmp_path / "dicom" / "patient1" / "sag"
+    write_dicom_series(series, sagittal=True)
+    array, affine = read_volume(series)
+    nifti = write_nifti(tmp_path / "sag.nii.gz", array.numpy(), affine)
+    shape, spacing = _volume_geometry(series)
+    assert shape == (12, 10, 4) and spacing == pytest.approx((0.9, 0.7, 3.0))  # S-I rows, P-A columns, L-R slices
+    nifti_shape, nifti_spacing = _volume_geometry(nifti)
+    assert shape == nifti_shape and spacing == pytest.approx(nifti_spacing)
+    _, geometry = preprocess(array, affine, DataConfig(shape=(4, 4, 4), num_classes=2), is_label=False)
+    assert shape == geometry.oriented_shape_dhw and spacing == pytest.approx(geometry.spacing)
+    fp = fingerprint(tmp_path / "dicom")
+    assert fp.layout == "dicom" and fp.shapes == [shape] and fp.spacings == [pytest.approx(spacing)]
+
+
 def test_commands_without_config_use_the_plan_and_contradictions_stop(tmp_path: Path, capsys) -> None:
     mr = _mr_dataset(tmp_path / "mr")
     run = tmp_path / "vq"

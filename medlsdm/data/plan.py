@@ -77,27 +77,33 @@ def dataset_channel(root: Path) -> str | None:
     return str(channels.get("0", channels.get(0, next(iter(channels.values())))))
 
 
-def _header_geometry(path: Path) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
-    """(D, H, W) shape and spacing of a NIfTI file from its header, after orientation to RAS (no voxels read)."""
+def _ras_geometry(shape, zooms, affine: np.ndarray) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
+    """File-axis (X, Y, Z) ``shape`` and ``zooms`` of a volume with voxel -> world ``affine`` -> (D, H, W) shape and
+    spacing after orientation to RAS (the axis order :func:`medlsdm.data.transforms.preprocess` gives)."""
     import nibabel as nib
 
-    img = nib.load(str(path))
-    shape, zooms = img.shape[:3], img.header.get_zooms()[:3]
-    ornt = nib.orientations.io_orientation(img.affine)
+    ornt = nib.orientations.io_orientation(affine)
     ras_shape, ras_zooms = [0, 0, 0], [0.0, 0.0, 0.0]
     for axis, (target, _) in enumerate(ornt):
         ras_shape[int(target)], ras_zooms[int(target)] = int(shape[axis]), float(zooms[axis])
     return (ras_shape[2], ras_shape[1], ras_shape[0]), (ras_zooms[2], ras_zooms[1], ras_zooms[0])
 
 
+def _header_geometry(path: Path) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
+    """(D, H, W) shape and spacing of a NIfTI file from its header, after orientation to RAS (no voxels read)."""
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    return _ras_geometry(img.shape[:3], img.header.get_zooms()[:3], img.affine)
+
+
 def _volume_geometry(path: Path) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
+    """(D, H, W) shape and spacing of a NIfTI file or a DICOM series folder, after orientation to RAS."""
     if path.is_dir():  # a DICOM series: read it (headers of a series are not one file)
         from medlsdm.data.transforms import read_volume
 
         array, affine = read_volume(path)
-        zooms = np.linalg.norm(affine[:3, :3], axis=0)
-        return (int(array.shape[2]), int(array.shape[1]), int(array.shape[0])), (
-            float(zooms[2]), float(zooms[1]), float(zooms[0]))
+        return _ras_geometry(tuple(array.shape), np.linalg.norm(affine[:3, :3], axis=0), affine)
     return _header_geometry(path)
 
 
