@@ -9,6 +9,7 @@ from torch import nn
 from medlsdm.errors import UserError
 from medlsdm.evaluation.features import (
     DomainFeatures,
+    FeatureExtractor,
     InceptionFID2D,
     MedicalNet3D,
     fid_2d,
@@ -122,7 +123,8 @@ def test_medicalnet_loader_and_features(tmp_path):
     assert f.shape == (2, 512) and torch.isfinite(f).all()
     # per-volume z-scoring: a global contrast/brightness change gives the same features
     assert torch.allclose(ex.features(0.5 * vols + 0.2), f, atol=1e-4)
-    assert ex.plane_features(vols, "coronal").shape == (2 * 3, 512)
+    with pytest.raises(UserError, match="slice-wise FID needs a 2D feature extractor"):
+        fid_2d(vols, vols, ex, "coronal")  # its deepest map has a few slabs per axis, not one feature per slice
 
     with pytest.raises(UserError, match=r"resnet_10_bad\.pth.*missing.*layer1\.0\.conv1\.weight"):
         load_extractor("medicalnet", str(_medicalnet_file(tmp_path, 10, rename=True)), depth=10)
@@ -143,6 +145,18 @@ class _TinyEncoder(nn.Module):
         return [h, self.b(h)]  # skip list, deepest last
 
 
+class _TinySlices(FeatureExtractor):
+    """A cheap 2D extractor: one conv, globally average-pooled, per slice."""
+
+    def __init__(self):
+        torch.manual_seed(0)
+        super().__init__(nn.Conv2d(1, 4, 3, padding=1), "tiny 2D", False)
+
+    @torch.no_grad()
+    def features(self, batch):
+        return torch.tanh(self.net(batch.float())).mean(dim=(2, 3))
+
+
 def test_domain_features_and_fid_helpers():
     torch.manual_seed(0)
     enc = _TinyEncoder()
@@ -160,8 +174,12 @@ def test_domain_features_and_fid_helpers():
     near = fid_3d(real, real + 0.05 * torch.randn(real.shape, generator=gen), ex)
     far = fid_3d(real, (real + 0.8).clamp(-1, 1), ex)
     assert 0 < near < far
-    assert fid_2d(real, real, ex, "axial") < 1e-6
-    assert fid_2d(real, real.flip(2) * 0.3, ex, "sagittal") > 0
+    with pytest.raises(UserError, match="slice-wise FID needs a 2D feature extractor"):
+        fid_2d(real, real, ex, "axial")
+    slices = _TinySlices()
+    assert slices.plane_features(real, "coronal").shape == (6 * 8, 4)  # one vector per slice
+    assert fid_2d(real, list(real), slices, "axial") < 1e-6
+    assert fid_2d(real, real.flip(2) * 0.3, slices, "sagittal") > 0
     with pytest.raises(UserError, match="3D feature extractor"):
         fid_3d(real, real, load_extractor("random-inception"))
     with pytest.raises(UserError, match="must be one of"):

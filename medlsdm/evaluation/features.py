@@ -9,8 +9,7 @@ randomly initialised with a fixed seed and then named "NOT pretrained".
 * ``MedicalNet3D``: Med3D 3D ResNet, global average pool of layer4, on volumes (N, 1, D, H, W).
 * ``DomainFeatures``: any encoder (e.g. the evaluation segmentation network's), pooled like MedicalNet3D.
 
-The 3D extractors also give per-slice-plane features for ``fid_2d``: their layer-4 map (B, C, d, h, w)
-is averaged over the two in-plane axes of the plane, one C-vector per slab (so per d for axial).
+``fid_2d`` takes a 2D extractor (one feature vector per slice), ``fid_3d`` a 3D one (one per volume).
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ from tqdm import tqdm
 from medlsdm.errors import UserError
 from medlsdm.evaluation.inception import FID_WEIGHTS_FILE, InceptionV3FID, random_inception
 from medlsdm.evaluation.medicalnet import MedicalNetResNet, random_medicalnet
-from medlsdm.evaluation.metrics import PLANES, Volumes, frechet_from_features, shape_batches, slices_of
+from medlsdm.evaluation.metrics import Volumes, frechet_from_features, shape_batches, slices_of
 from medlsdm.io import file_sha256, load_checked
 
 KINDS = ("inception", "random-inception", "medicalnet", "random-medicalnet", "domain")
@@ -67,7 +66,7 @@ class FeatureExtractor(abc.ABC):
         """(N, 1, H, W) slices or (N, 1, D, H, W) volumes -> (N, F) float32 on the CPU."""
 
     def plane_features(self, volumes: torch.Tensor, plane: str, chunk: int = 32) -> torch.Tensor:
-        """(B, 1, D, H, W) -> (B * S, F): one feature vector per slice of ``plane``."""
+        """(B, 1, D, H, W) -> (B * S, F): one feature vector per slice of ``plane`` (a 2D extractor's)."""
         slices = slices_of(volumes, plane)
         return torch.cat([self.features(slices[i : i + chunk]) for i in range(0, len(slices), chunk)])
 
@@ -98,7 +97,7 @@ class InceptionFID2D(FeatureExtractor):
 
 
 class _Pooled3D(FeatureExtractor):
-    """A 3D encoder whose last feature map is globally (or per slice plane) average-pooled."""
+    """A 3D encoder whose last feature map is globally average-pooled."""
 
     spatial_dims = 3
 
@@ -116,14 +115,6 @@ class _Pooled3D(FeatureExtractor):
 
     def features(self, batch: torch.Tensor) -> torch.Tensor:
         return self.feature_map(batch).mean(dim=(2, 3, 4)).cpu()
-
-    def plane_features(self, volumes: torch.Tensor, plane: str, chunk: int = 32) -> torch.Tensor:
-        if plane not in PLANES:
-            raise UserError(f"config: plane must be one of {sorted(PLANES)}, got {plane!r}")
-        fmap = self.feature_map(volumes)  # (B, C, d, h, w)
-        axis = PLANES[plane]
-        in_plane = tuple(a for a in (2, 3, 4) if a != axis)
-        return fmap.mean(dim=in_plane).transpose(1, 2).reshape(-1, fmap.shape[1]).cpu()  # (B * s, C)
 
 
 class MedicalNet3D(_Pooled3D):
@@ -228,8 +219,10 @@ def _collect(volumes: Volumes, fn: Callable[[torch.Tensor], torch.Tensor], batch
 
 def fid_2d(real_vols: Volumes, synth_vols: Volumes, extractor: FeatureExtractor, plane: str = "axial",
            batch_size: int = 2, progress: bool = False) -> float:
-    """Slice-wise FID: features of every ``plane`` slice of each volume set, then their Fréchet distance.
-    Volumes (N, 1, D, H, W) or sequences of (1, D, H, W) in [-1, 1]."""
+    """Slice-wise FID with a 2D extractor: features of every ``plane`` slice of each volume set, then their
+    Fréchet distance. Volumes (N, 1, D, H, W) or sequences of (1, D, H, W) in [-1, 1]."""
+    if extractor.spatial_dims != 2:
+        raise UserError(f"config: slice-wise FID needs a 2D feature extractor, {extractor.name} is 3D")
     fn = lambda v: extractor.plane_features(v, plane)  # noqa: E731
     real = _collect(real_vols, fn, batch_size, progress, f"FID-2D {plane} real")
     synth = _collect(synth_vols, fn, batch_size, progress, f"FID-2D {plane} synthetic")
