@@ -74,13 +74,15 @@ def export_model(run_dir: Path, out: Path, overwrite: bool = False) -> Path:
     return out
 
 
-def verify_manifest(folder: Path) -> None:
-    """Check every file listed in ``folder/manifest.json`` against its SHA-256 (one-line UserError otherwise).
-    A folder without a manifest (a training run) is not checked."""
+def verify_manifest(folder: Path) -> dict[str, str]:
+    """Check every file listed in ``folder/manifest.json`` against its SHA-256 (one-line UserError otherwise) and
+    return the checked hashes (file name relative to ``folder`` -> full hex SHA-256), so that a caller that
+    records a hash need not read a large file again. A folder without a manifest (a training run) is not checked:
+    an empty dict."""
     folder = Path(folder)
     path = folder / MANIFEST
     if not path.is_file():
-        return
+        return {}
     try:
         manifest = json.loads(path.read_text())
         files = dict(manifest["files"])
@@ -97,3 +99,4 @@ def verify_manifest(folder: Path) -> None:
         if file_sha256(target, length=64) != expected:
             raise UserError(f"{target}: SHA-256 does not match {MANIFEST} (changed or damaged); export the "
                             "model again")
+    return files

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from medlsdm.autoencoder.normalize import LatentNormalizer
 from medlsdm.config import Config
 from medlsdm.data.checks import check_target_shape
+from medlsdm.data.layouts import nifti_stem
 from medlsdm.data.transforms import LabelGeometry, load_label_map, one_hot, save_volume
 from medlsdm.devices import resolve_device
 from medlsdm.diffusion.baselines import build_baseline, is_baseline
@@ -73,13 +74,15 @@ class SynthesisPipeline:
                              f"{normalizer.clip}: build it with build_diffusion(cfg, normalizer)")
         self.vqgan, self.diffusion, self.normalizer, self.cfg = vqgan, diffusion, normalizer, cfg
         self.device = next(diffusion.parameters()).device
+        # file -> full SHA-256 of an export's files, checked against its manifest by from_pretrained (else empty)
+        self.verified_sha256: dict[Path, str] = {}
 
     @classmethod
     def from_pretrained(cls, run_dir: Path | str, device: str = "auto", use_ema: bool = True) -> "SynthesisPipeline":
         """Load an LDM run folder (``medlsdm train-ldm --out RUN_DIR``) or its export (``medlsdm export``, files
         checked against the manifest's hashes); nothing is downloaded."""
         run_dir = Path(run_dir)
-        verify_manifest(run_dir)  # an export (medlsdm export): every file must match its recorded SHA-256
+        verified = verify_manifest(run_dir)  # an export (medlsdm export): every file must match its recorded SHA-256
         cfg = run_config(run_dir)
         dev = resolve_device(device)
         normalizer = None if is_baseline(cfg) else LatentNormalizer.load(run_dir / "latent_stats.json")
@@ -87,9 +90,12 @@ class SynthesisPipeline:
         load_into(diffusion.unet, latest_weights(run_dir, "unet_ema" if use_ema else "unet"), what="semantic U-Net")
         diffusion.to(dev).eval().requires_grad_(False)
         if normalizer is None:
-            return cls(None, diffusion, None, cfg)
-        vqgan, _ = load_vqgan(run_dir / "vqgan", dev)
-        return cls(vqgan, diffusion, normalizer, cfg)
+            pipe = cls(None, diffusion, None, cfg)
+        else:
+            vqgan, _ = load_vqgan(run_dir / "vqgan", dev)
+            pipe = cls(vqgan, diffusion, normalizer, cfg)
+        pipe.verified_sha256 = {run_dir / name: sha for name, sha in verified.items()}
+        return pipe
 
     def sampling_options(self, sampler: str | Sampler | None = None, steps: int | None = None,
                          guidance: float | None = None, eta: float = 0.0) -> SamplingOptions:
@@ -211,10 +217,6 @@ def label_files(labels: Path) -> list[Path]:
     return files
 
 
-def _stem(path: Path) -> str:
-    return path.name[:-7] if path.name.endswith(".nii.gz") else path.stem
-
-
 def volume_seed(seed: int, name: str, k: int) -> int:
     """A stable per-volume seed: the same (seed, label file, sample index) always gives the same volume."""
     return (seed * 1_000_003 + zlib.crc32(name.encode()) * 31 + k) % (2**63 - 1)
@@ -292,14 +294,16 @@ def _sample_into(model: Path, labels: Path, out: Path, n_per_label: int, sampler
     pipe = SynthesisPipeline.from_pretrained(model, device).configure(**(options or {}))
     files = label_files(labels)
     opts = pipe.sampling_options(sampler, steps, guidance)
-    info = {"model_weights_sha256": file_sha256(latest_weights(Path(model), "unet_ema")),
+    weights = latest_weights(Path(model), "unet_ema")
+    verified = pipe.verified_sha256.get(weights)  # an export's weights were hashed when loaded: not read again
+    info = {"model_weights_sha256": verified[:12] if verified else file_sha256(weights),
             "sampler": opts.sampler_name, "steps": opts.steps,
             "guidance": opts.guidance_scale, "seed": seed,
             "switches": {k: v for k, v in sorted((options or {}).items())}}
     _claim_folder(out, info, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(f, k) for f in files for k in range(n_per_label)][rank::world_size]
-    todo = [(f, k) for f, k in jobs if not (out / f"{_stem(f)}_s{k}.nii.gz").exists()]
+    todo = [(f, k) for f, k in jobs if not (out / f"{nifti_stem(f)}_s{k}.nii.gz").exists()]
 
     def batches():  # consecutive jobs whose label maps have one shape; one label map in memory at a time
         batch: list = []
@@ -322,7 +326,7 @@ def _sample_into(model: Path, labels: Path, out: Path, n_per_label: int, sampler
         gens = [torch.Generator(pipe.device).manual_seed(volume_seed(seed, f.name, k)) for f, k, _, _ in batch]
         vols = pipe.generate(labels_b, sampler, steps, guidance, generator=gens)
         for (f, k, label, geometry), vol in zip(batch, vols):
-            target = out / f"{_stem(f)}_s{k}.nii.gz"
+            target = out / f"{nifti_stem(f)}_s{k}.nii.gz"
             save_volume(vol.cpu(), geometry, target, pipe.cfg.data)
             if preview:
                 lo, hi = display_window(pipe.cfg.data, vol)

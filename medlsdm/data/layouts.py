@@ -36,6 +36,11 @@ def case_name(path: Path) -> str:
     return name[: -len("_0000")] if name.endswith("_0000") else name
 
 
+def nifti_stem(path: Path) -> str:
+    """File name without ``.nii.gz`` (else without its last suffix); names the volumes sampled from a label map."""
+    return path.name[:-7] if path.name.endswith(".nii.gz") else path.stem
+
+
 def check_case_id(case_id: str, source: Path) -> str:
     """``case_id`` if it is safe as a file name (outputs are named after it), else a one-line UserError naming
     ``source``: no path separator, no NUL, not ``.`` / ``..``, no leading dot, at most 200 characters."""

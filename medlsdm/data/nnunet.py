@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from medlsdm.config import DataConfig
-from medlsdm.data.layouts import find_cases
+from medlsdm.data.layouts import find_cases, nifti_stem
 from medlsdm.data.transforms import read_volume, remap_labels, write_nifti
 from medlsdm.errors import UserError
 from medlsdm.io import atomic_dir, atomic_write_text, folder_lock
@@ -38,10 +38,6 @@ def channel_name(cfg: DataConfig, real: Path | None = None) -> str:
         if name:
             return name
     return "CT" if cfg.modality == "ct" else "MR"
-
-
-def _stem(path: Path) -> str:
-    return path.name[:-7] if path.name.endswith(".nii.gz") else path.stem
 
 
 def _write_label(path: Path, source: Path, cfg: DataConfig) -> None:
@@ -61,10 +57,10 @@ def write_nnunet_dataset(synthetic: Path, label_maps: list[Path], out: Path, cfg
                         "an earlier medlsdm dataset)")
     cases: list[dict] = []
     for f in label_maps:
-        for vol in sorted(Path(synthetic).glob(f"{_stem(f)}_s*.nii.gz")):
-            k = vol.name[len(_stem(f)) + 2:-7]
+        for vol in sorted(Path(synthetic).glob(f"{nifti_stem(f)}_s*.nii.gz")):
+            k = vol.name[len(nifti_stem(f)) + 2:-7]
             if k.isdigit():
-                cases.append(dict(case=f"syn_{_stem(f)}_s{k}", kind="synthetic", image=vol, label=f,
+                cases.append(dict(case=f"syn_{nifti_stem(f)}_s{k}", kind="synthetic", image=vol, label=f,
                                   source=f.name, sample=int(k)))
     if not cases:
         raise UserError(f"{synthetic}: no synthetic volumes (<label>_s<k>.nii.gz) for the given label maps")

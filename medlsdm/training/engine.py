@@ -46,6 +46,7 @@ from medlsdm.errors import UserError
 from medlsdm.io import atomic_path, atomic_write_text, load_into, load_state, save_state, save_weights
 from medlsdm.runs import latest_checkpoint
 from medlsdm.training.distributed import DistContext
+from medlsdm.training.run_dir import claim_run_dir
 
 
 class ResumableSampler(Sampler[int]):
@@ -324,9 +325,9 @@ class Trainer:
             if self.dist.is_main:
                 self.logger.drop_after(self.step)
         else:
-            if self.latest_checkpoint() is not None:  # a new run would mix its checkpoints and logs with the old one's
-                raise UserError(f"{self.run_dir}: already holds a training run; pass --resume to continue it, or "
-                                "use another --out (or remove this folder) for a new run")
+            # the entry points claimed the folder already (removing an old run's outputs on --overwrite); for a
+            # direct caller this stops a new run that would mix its checkpoints and logs with an old one's
+            claim_run_dir(self.run_dir, resume=False)
             torch.manual_seed(self.cfg.seed * 1000 + self.dist.rank)
             if self.dist.is_main:  # a new run keeps no best weights of an earlier one
                 shutil.rmtree(self.run_dir / "best", ignore_errors=True)

@@ -48,7 +48,8 @@ RUN_OUTPUTS = ("checkpoints", "best", "previews", "tensorboard", "metrics.csv", 
 def claim_run_dir(out: Path, resume: bool, overwrite: bool = False) -> None:
     """A training run owns ``out``: without ``resume`` a folder that holds another run's checkpoints stops with one
     line (a new run would mix its checkpoints and logs with the old ones), unless ``overwrite``, which removes that
-    run's outputs first (``RUN_OUTPUTS``). Called before anything is written."""
+    run's outputs first (``RUN_OUTPUTS``). Called before anything is written, and again (without ``overwrite``)
+    by ``Trainer.fit`` for a new run: the one place that decides whether a folder holds a run."""
     out = Path(out)
     if resume or latest_step(out) is None:
         return
