@@ -364,6 +364,7 @@ class SegConfig:
     # what the network sees: "model" the volume as normalised for the models, "display" the modality's display
     # window (CT soft tissue) mapped to [-1, 1], where organs differ by more than a few per cent of the range
     input_window: Literal["model", "display"] = "model"
+    lr_schedule: Literal["constant", "poly"] = "constant"  # poly: lr * (1 - step / steps) ** 0.9 (nnU-Net)
     sw_batch_size: int = 4
     sw_overlap: float = 0.25
 

@@ -64,7 +64,7 @@ EXPECTED_CHOICES = {
     "data.modality", "data.resize_mode", "vqgan.codebook_update", "vqgan.upsample", "vqgan.perceptual_backbone",
     "vqgan.gan_loss", "vqgan.feature_match_reduction", "ldm.method", "ldm.depth_positions", "ldm.schedule",
     "ldm.objective", "ldm.loss", "ldm.latent_norm", "ldm.sampler", "ldm.sample_precision", "train_vqgan.precision",
-    "train_ldm.precision", "seg.input_window", "seg.crop_balance",
+    "train_ldm.precision", "seg.input_window", "seg.crop_balance", "seg.lr_schedule",
 }
 
 

@@ -255,3 +255,15 @@ def test_classical_augmentation_changes_crops_and_keeps_labels_integer() -> None
     assert not torch.equal(outs[0][0], outs[2][0])
     assert any(not torch.equal(o[1], lab.float()) for o in outs)  # geometry moved
     assert all(set(torch.unique(o[1]).tolist()) <= {0.0, 1.0, 2.0} for o in outs)  # nearest: no blended labels
+
+
+def test_poly_learning_rate_decays_to_zero_over_the_run() -> None:
+    """seg.lr_schedule: poly ends the run at lr 0 (nnU-Net's schedule), constant keeps it; the run records both."""
+    lab = _blocks()
+    img = lab.float() / 3 - 0.5
+    for schedule, final in (("constant", 1e-3), ("poly", 0.0)):
+        cfg = load_config("tiny", {"data": {"shape": list(SHAPE), "spacing": None},
+                                   "seg": {"channels": [4, 8], "patch": [8, 8, 8], "lr": 1e-3, "steps": 3,
+                                           "lr_schedule": schedule, "crop_balance": "none"}})
+        _, info = train_segmenter([img], [lab], cfg, seed=0)
+        assert info["lr_schedule"] == schedule and info["final_lr"] == pytest.approx(final, abs=1e-12)

@@ -179,6 +179,8 @@ def train_segmenter(
     model = build_segmenter(cfg).to(device)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.seg.lr)
+    sched = (torch.optim.lr_scheduler.LambdaLR(opt, lambda i: (1 - i / steps) ** 0.9)
+             if cfg.seg.lr_schedule == "poly" else None)
     ratios = crop_ratios(cfg, labels)
     inputs = [seg_input(x, cfg) for x in images]  # once, not at every step
     aug = classical_augmentation(seed) if augment else None
@@ -200,12 +202,15 @@ def train_segmenter(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if sched is not None:
+            sched.step()
         curve.append(float(loss.detach()))
     model.eval()
     info = dict(steps=steps, epochs=round(steps / per_epoch, 2), n_volumes=len(images), patch=list(patch),
                 crop_ratios=None if ratios is None else [round(r, 3) for r in ratios], augment=augment,
                 input_window=cfg.seg.input_window,
-                batch_size=cfg.seg.batch_size, lr=cfg.seg.lr, seed=seed, seconds=round(time.perf_counter() - start, 2),
+                batch_size=cfg.seg.batch_size, lr=cfg.seg.lr, lr_schedule=cfg.seg.lr_schedule,
+                final_lr=float(opt.param_groups[0]["lr"]), seed=seed, seconds=round(time.perf_counter() - start, 2),
                 first_loss=curve[0], final_loss=float(np.mean(curve[-max(1, len(curve) // 10):])),
                 parameters=sum(p.numel() for p in model.parameters()), weights=None)
     if out_path is not None:
