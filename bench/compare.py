@@ -94,6 +94,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--work", type=Path, default=CMP, help="folder for runs, volumes and reports")
     ap.add_argument("--no-write", action="store_true", help="print the table, leave BENCHMARKS.md alone (dry runs)")
+    ap.add_argument("--note", default=None, help="a remark written with the section (e.g. what else ran meanwhile)")
     ap.add_argument("--reuse", action="store_true",
                     help="evaluate the runs and volumes already in --work (from an earlier full run) again, without "
                          "training or sampling (e.g. after the evaluation changed); the table says so")
@@ -208,6 +209,8 @@ def main() -> None:
                         "phantoms, equal CPU budget\n\nRe-evaluated (`--reuse`): the runs, training steps, sampling "
                         f"times and volumes are those of the earlier full run in {args.work.name}/ (trained "
                         f"{args.minutes:g} min each); only the evaluation ran again.\n", 1)
+    if args.note:
+        md += f"\n\nNote: {args.note}"
     if not args.no_write:
         write_section("compare", md)
     print(md)
