@@ -189,9 +189,9 @@ def main() -> None:
         *table, "",
         f"FID: extractor {ex['name']} (sha256 {str(ex.get('sha256'))[:12]}, one segmenter for all methods, the tiny "
         f"preset's current segmenter settings); lower is better; per-plane FID is not reported for this 3D extractor "
-        f"(see 3D-FID). LPIPS backbone: {lp}. Dice: foreground classes only, same segmenter; on the real test volumes it "
-        f"scores {fmt(real_dice)}. Class error: label following as in `bench/ldm.py` (matched should be well below "
-        "mismatched). Inter-slice W1: Wasserstein distance between real and synthetic adjacent-slice change "
+        f"(see 3D-FID). LPIPS backbone: {lp}. Dice: foreground classes only, same segmenter; on the real test "
+        f"volumes it scores {fmt(real_dice)}. Class error: label following as in `bench/ldm.py` (matched should be "
+        "well below mismatched). Inter-slice W1: Wasserstein distance between real and synthetic adjacent-slice change "
         "distributions (lower = more real-like slice-to-slice continuity). Sampling time and peak memory are of a "
         "child process that loads the model and writes the volumes. Window PSNR / SSIM: in the CT display window "
         "-160..240 HU; grid ratio: periodic 4-/2-voxel structure vs the real volumes (1 = like real).", "",
