@@ -14,6 +14,8 @@ from data_helpers import AFFINE, write_nifti
 from medlsdm.cli import main
 from medlsdm.data.derive import (
     DeformConfig,
+    _container,
+    _ring,
     _with_contents,
     check_topology,
     count_components,
@@ -145,7 +147,7 @@ def test_derive_folder_with_mixing_is_seeded_records_donors_and_keeps_every_clas
     for name in "abc":
         assert maps[f"{name}.nii.gz"]["donor"] in {"a.nii.gz", "b.nii.gz", "c.nii.gz"} - {f"{name}.nii.gz"}
         mixed = maps[f"{name}.nii.gz"]["mixed_classes"]
-        assert mixed in ([2, 4], [3], [4]) and 1 not in mixed  # one organ drawn; the lesion moves with organ 2
+        assert mixed in ([2, 4], [3])  # one organ, never the body; the lesion only ever moves with organ 2
     assert maps["d.nii.gz"]["donor"] is None and maps["d.nii.gz"]["mixed_classes"] == []  # no map of its shape
     assert info["settings"]["mix_prob"] == 1.0
     for name in first:
@@ -155,6 +157,11 @@ def test_derive_folder_with_mixing_is_seeded_records_donors_and_keeps_every_clas
 
 def test_a_structure_inside_a_mixed_organ_moves_with_it() -> None:
     body = _body()
+    assert _container(body, 4) == 2 and _container(body, 2) is None and _container(body, 3) is None
+    big = body.copy()
+    big[11:20, 29:33][big[11:20, 29:33] == 1] = 4  # a block against the organ, inside the body, a quarter its size
+    assert not (big[_ring(big == 4)] == 0).any() and (big[_ring(big == 4)] == 2).any()
+    assert _container(big, 4) is None  # too large to lie inside the organ it touches: an organ of its own
     assert _with_contents([2], body) == [2, 4] and _with_contents([3], body) == [3] and _with_contents([4], body) == [4]
     mixed = mix_label_maps(body, _moved(3, -2), _with_contents([2], body, _moved(3, -2)))
     les = np.pad(mixed == 4, 1)

@@ -128,15 +128,34 @@ def mix_label_maps(base: np.ndarray, donor: np.ndarray, classes: Sequence[int], 
     return out
 
 
+NESTED = 10  # a nested structure is at most 1/NESTED of the size of the class it lies in
+
+
+def _outer(arr: np.ndarray) -> int:
+    """The body: the foreground class with the most voxels (0 when there is none)."""
+    values, counts = np.unique(arr[arr != 0], return_counts=True)
+    return int(values[np.argmax(counts)]) if values.size else 0
+
+
+def _container(arr: np.ndarray, d: int) -> int | None:
+    """The class that class ``d`` of ``arr`` lies in, e.g. the liver around a lesion: its most frequent
+    6-neighbour other than the body, when ``d`` never touches background and is at most 1/``NESTED`` of that
+    class's size; None for a top-level structure (an organ in the body)."""
+    values, counts = np.unique(arr[_ring(arr == d)], return_counts=True)
+    keep = values != _outer(arr)
+    if not values.size or 0 in values or not keep.any():
+        return None
+    top = int(values[keep][np.argmax(counts[keep])])
+    return top if NESTED * int((arr == d).sum()) <= int((arr == top).sum()) else None
+
+
 def _with_contents(classes: list[int], *maps: np.ndarray) -> list[int]:
-    """``classes`` plus every class that lies inside one of them in any of ``maps`` (it never touches background
-    and one of them is its most frequent neighbour, e.g. a lesion in the liver), so that nested structures move
-    with their organ."""
+    """``classes`` plus every class lying inside one of them (:func:`_container`) in any of ``maps``, so that a
+    nested structure (a lesion in the liver) moves with its organ."""
     out = set(classes)
     for arr in maps:
         for d in (int(v) for v in np.unique(arr) if v != 0 and v not in out):
-            values, counts = np.unique(arr[_ring(arr == d)], return_counts=True)
-            if values.size and 0 not in values and int(values[np.argmax(counts)]) in classes:
+            if _container(arr, d) in classes:
                 out.add(d)
     return sorted(out)
 
@@ -156,14 +175,17 @@ def _mix(base: np.ndarray, mates: list[Path], rng: np.random.Generator, cfg: Def
          read: Callable[[Path], np.ndarray]) -> tuple[np.ndarray, str | None, list[int]]:
     """``base`` mixed with a donor from ``mates`` (same grid; tried in a seeded order, at most ``cfg.max_tries``)
     and the donor's name and classes, or ``base`` unchanged when no donor keeps the anatomy."""
-    values, counts = np.unique(base[base != 0], return_counts=True)
-    outer = int(values[np.argmax(counts)]) if values.size else 0  # the body: never mixed
+    values, outer = np.unique(base[base != 0]), _outer(base)  # the body: never mixed
     for i in rng.permutation(len(mates))[: cfg.max_tries]:
         donor = read(mates[i])
-        shared = sorted(set(values.tolist()) & set(np.unique(donor).tolist()) - {0, outer})
-        if not shared or donor.shape != base.shape:
+        if donor.shape != base.shape:
             continue
-        classes = sorted(int(c) for c in rng.choice(shared, size=min(cfg.mix_classes, len(shared)), replace=False))
+        shared = sorted(set(values.tolist()) & set(np.unique(donor).tolist()) - {0, outer})
+        # organs only: a nested structure (a lesion) is never drawn alone, it comes with its container
+        top = [c for c in shared if _container(base, c) is None and _container(donor, c) is None]
+        if not top:
+            continue
+        classes = sorted(int(c) for c in rng.choice(top, size=min(cfg.mix_classes, len(top)), replace=False))
         classes = _with_contents(classes, base, donor)  # a lesion moves with its liver
         if not set(classes) <= set(shared):
             continue
