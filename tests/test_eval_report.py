@@ -164,12 +164,17 @@ def test_volumes_larger_than_the_config_are_evaluated_whole_never_cropped(cfg, t
     """24-slice volumes under a 16-slice config: the synthetic volumes differ from their partners only in the 4
     slices at each end that a centre crop to 16 would drop, so a cropping evaluation would score them identical."""
     data = write_phantom_dataset(tmp_path / "big", 5, shape=(24, 32, 32), seed=7, test_fraction=0.4, progress=False)
+    # the second test case 4 slices shorter: a set of two depths (24, 20), as real data sets are
+    last = sorted((data / "imagesTs").glob("*_0000.nii.gz"))[-1]
+    for f in (last, data / "labelsTs" / last.name.replace("_0000", "")):
+        img = nib.load(f)
+        nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj)[:, :, 2:22], img.affine), f)
     syn = tmp_path / "syn"
     syn.mkdir()
     for f in sorted((data / "imagesTs").glob("*_0000.nii.gz")):
         img = nib.load(f)
         a = img.get_fdata().astype(np.float32)
-        assert a.shape[2] == 24  # file axes (X, Y, Z): Z is depth
+        assert a.shape[2] == (20 if f == last else 24)  # file axes (X, Y, Z): Z is depth
         a[:, :, :4] += 300.0
         a[:, :, -4:] -= 300.0
         nib.save(nib.Nifti1Image(a, img.affine), syn / f.name.replace("_0000.nii.gz", "_s0.nii.gz"))
@@ -181,9 +186,10 @@ def test_volumes_larger_than_the_config_are_evaluated_whole_never_cropped(cfg, t
     assert any("evaluated whole, not cropped" in n for n in m["notes"])
     assert "evaluated whole" in (tmp_path / "out" / "report.md").read_text()
     assert m["dice"]["table"]["real test"]["n"] == 2
+    assert math.isfinite(m["fidelity"]["grid"]["max"]) and math.isfinite(m["inter_slice"]["wasserstein"])
     # the loaders: whole by default in evaluation, the training crop only when asked for
     cases = real_cases(data)
-    assert load_cases(cases, cfg.data).images[0].shape == (1, 24, 32, 32)
+    assert [x.shape[1] for x in load_cases(cases, cfg.data).images] == [24, 20]
     assert load_cases(cases, cfg.data, keep_larger=None).images[0].shape == (1, 16, 32, 32)
     real_set = load_cases(cases, cfg.data)
     assert real_set.larger_than((16, 32, 32)) == real_set.ids and real_set.larger_than((24, 32, 32)) == []

@@ -138,18 +138,28 @@ def _peak(power: torch.Tensor, k: int) -> float:
 
 
 def grid_ratio(preds: Sequence, refs: Sequence, cfg: DataConfig) -> dict:
-    """``{"max": worst ratio, "per_axis": {"W/4": ratio, ...}}`` (1 = as periodic as the real volumes)."""
+    """``{"max": worst ratio, "per_axis": {"W/4": ratio, ...}}`` (1 = as periodic as the real volumes). Volumes of
+    several lengths along an axis (evaluation keeps them whole) are scored per length and averaged, weighted by
+    their number; lengths under 8 or not a multiple of 4 are skipped."""
     windows = [display_window(cfg, _vol(r)) for r in refs]
-    shape = _vol(refs[0]).shape
     per_axis = {}
     for name, axis in AXES.items():
-        n = shape[axis]
-        if n < 8 or n % 4:
-            continue
-        sp, sr = _spectrum(preds, windows, axis), _spectrum(refs, windows, axis)
-        for period in PERIODS:
-            k = n // period
-            per_axis[f"{name}/{period}"] = _peak(sp, k) / _peak(sr, k)
+        groups: dict[int, list[int]] = {}
+        for i, r in enumerate(refs):
+            groups.setdefault(_vol(r).shape[axis], []).append(i)
+        sums: dict[int, float] = {}
+        count = 0
+        for n, idx in groups.items():
+            if n < 8 or n % 4:
+                continue
+            pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
+            sp, sr = _spectrum(pick(preds), pick(windows), axis), _spectrum(pick(refs), pick(windows), axis)
+            for period in PERIODS:
+                k = n // period
+                sums[period] = sums.get(period, 0.0) + len(idx) * _peak(sp, k) / _peak(sr, k)
+            count += len(idx)
+        for period, total in sums.items():
+            per_axis[f"{name}/{period}"] = total / count
     return {"max": max(per_axis.values()) if per_axis else float("nan"), "per_axis": per_axis}
 
 

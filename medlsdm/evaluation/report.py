@@ -270,7 +270,8 @@ def write_report(out: Path, metrics: dict, real: VolumeSet, synthetic: VolumeSet
                  cfg: Config, slice_changes: tuple[torch.Tensor, torch.Tensor] | None = None) -> Path:
     """Write the figures and ``report.md`` into ``out``; returns the report path.
 
-    ``slice_changes``: (real (B, D-1), synthetic (B', D-1)) adjacent-slice changes for the profile plot.
+    ``slice_changes``: (real (B, D-1), synthetic (B', D-1)) adjacent-slice changes for the profile plot (D the
+    largest depth; NaN past the end of a shorter volume).
     """
     out = Path(out)
     fig = lambda name: out / "figures" / name  # noqa: E731
@@ -279,8 +280,8 @@ def write_report(out: Path, metrics: dict, real: VolumeSet, synthetic: VolumeSet
     train = f" — training set: `{inp['train']}` ({inp.get('n_train')} volumes)" if inp.get("train") else ""
     md = ["# medlsdm evaluation report", "",
           f"Real: `{inp['real']}` ({inp['n_real']} volumes) — synthetic: `{inp['synthetic']}` "
-          f"({inp['n_synthetic']} volumes){train}. Config `{inp['config']}`, volumes preprocessed to (D, H, W) "
-          f"{tuple(inp['shape'])}.", ""]
+          f"({inp['n_synthetic']} volumes){train}. Config `{inp['config']}` (data shape (D, H, W) "
+          f"{tuple(inp['shape'])}; volumes larger than it are evaluated whole, not cropped).", ""]
     md += ["## Real vs synthetic", "",
            *link("real vs synthetic", montage_figure(fig("montage.png"), real, synthetic, partner, cfg))]
     if "fidelity" in metrics:
