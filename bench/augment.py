@@ -65,7 +65,9 @@ def main() -> None:
         for c in subset:
             if not (src / c.label.name).exists():
                 (src / c.label.name).symlink_to(c.label)
-        derive_folder(src, new_labels, n_per_label=per, seed=0, cfg=DeformConfig(mix_prob=args.mix_prob))
+        body = cfg.data.label_names.index("body") if args.mix_prob else None  # the phantoms label the body
+        derive_folder(src, new_labels, n_per_label=per, seed=0,
+                      cfg=DeformConfig(mix_prob=args.mix_prob, body_class=body))
     how = dict(sampler=cfg.ldm.sampler, steps=cfg.ldm.sampling_steps, device="cpu", progress=False)
     sample_to_folder(run, other_labels, root / "synthetic_train", seed=1, **how)
     sample_to_folder(run, new_labels, root / f"synthetic_new{tag}", seed=2, **how)
@@ -87,7 +89,7 @@ def main() -> None:
     vs = study.get("synthetic_vs_classical", {})
     lines = [f"{LABELS[k]} minus classical: {v['mean']:+.3f} [{v['lo']:+.3f}, {v['hi']:+.3f}]" for k, v in vs.items()]
     mixing = ("" if not args.mix_prob else f" with class-preserving mixing among them (--mix-prob {args.mix_prob:g}: "
-              "organs swapped between the subset's maps before the warp)")
+              "organs swapped between the subset's maps before the warp, body class 1)")
     md = "\n".join([
         ("## augment: scarce real data + classical augmentation vs + synthetic volumes (5 seeds, paired)" if not tag
          else "## augment_mix: new label maps with class-preserving mixing (paired with real only)"), "",

@@ -6,6 +6,7 @@ Errors a user can fix are printed as one line (``medlsdm: error: ...``) with exi
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
 import sys
@@ -250,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mix-classes", type=_positive_int, default=None, metavar="N",
                    help="with --mix-prob: how many classes (never background or the body) come from the other map "
                         "(default 1)")
+    p.add_argument("--body-class", type=_positive_int, default=None, metavar="C",
+                   help="with --mix-prob: the label value of a body outline holding the other classes (never mixed; "
+                        "organs are pasted only inside it); default: none, organs lie on background")
     p.set_defaults(func=_cmd_derive)
 
     p = sub.add_parser("evaluate",
@@ -449,10 +453,14 @@ def _cmd_derive(a: argparse.Namespace) -> None:
     from medlsdm.data.derive import DeformConfig, derive_folder
 
     given = dict(magnitude=tuple(a.magnitude) if a.magnitude else None, rotate_deg=a.rotate, scale=a.scale,
-                 mix_prob=a.mix_prob, mix_classes=a.mix_classes)
+                 mix_prob=a.mix_prob, mix_classes=a.mix_classes, body_class=a.body_class)
     cfg = DeformConfig(**{k: v for k, v in given.items() if v is not None})
     written = derive_folder(a.labels, a.out, n_per_label=a.n_per_label, seed=a.seed, cfg=cfg)
-    print(f"wrote {len(written)} derived label map(s) to {a.out} (settings and sources in derive_info.json)")
+    mixed = ""
+    if cfg.mix_prob > 0:
+        maps = json.loads((Path(a.out) / "derive_info.json").read_text())["maps"]
+        mixed = f", {sum(m['donor'] is not None for m in maps)} of them mixed with another map"
+    print(f"wrote {len(written)} derived label map(s) to {a.out}{mixed} (settings and sources in derive_info.json)")
 
 
 def _cmd_export(a: argparse.Namespace) -> None:

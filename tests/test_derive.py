@@ -16,6 +16,7 @@ from medlsdm.data.derive import (
     DeformConfig,
     _container,
     _ring,
+    _same_grid,
     _with_contents,
     check_topology,
     count_components,
@@ -105,16 +106,26 @@ def _boxes(organ2: tuple[slice, slice], organ3: tuple[slice, slice], body: slice
 def test_mixing_takes_the_listed_class_from_the_donor_inside_the_body_only() -> None:
     base = _boxes((slice(4, 9), slice(4, 9)), (slice(14, 19), slice(14, 19)))
     donor = _boxes((slice(0, 5), slice(12, 17)), (slice(6, 11), slice(6, 11)), body=slice(0, 24))  # 2 pokes out
-    mixed = mix_label_maps(base, donor, [2])
+    mixed = mix_label_maps(base, donor, [2], body=1)
     expected = base.copy()
     expected[4:9, 4:9, 3:8] = 1  # the organ's old place: the body around it
     expected[2:5, 12:17, 3:8] = 2  # the donor's organ, but not its part in base's air (x 0..1)
     assert np.array_equal(mixed, expected)
     assert np.array_equal(mixed == 3, base == 3)  # not listed: untouched
     assert set(np.unique(mixed)) == set(np.unique(base)) and not mixed[base == 0].any()
-    both = mix_label_maps(base, donor, [2, 3])
+    both = mix_label_maps(base, donor, [2, 3], body=1)
     assert np.array_equal(both == 3, donor == 3) and np.isin(both[base == 3], [1, 3]).all()
-    assert np.array_equal(mix_label_maps(base, donor, [2], fill=3)[4:9, 4:9, 3:8], np.full((5, 5, 5), 3))
+    assert np.array_equal(mix_label_maps(base, donor, [2], fill=3, body=1)[4:9, 4:9, 3:8], np.full((5, 5, 5), 3))
+    # organs on background (no body class): the box is just another organ, never overwritten; the donor's organ
+    # goes onto background (x 0..1) only, and the old place takes the class around it
+    free = mix_label_maps(base, donor, [2])
+    only_air = base.copy()
+    only_air[4:9, 4:9, 3:8] = 1
+    only_air[0:2, 12:17, 3:8] = 2
+    assert np.array_equal(free, only_air)
+    bare, bare_donor = np.where(base == 1, 0, base), np.where(donor == 1, 0, donor)  # no body outline at all
+    moved = mix_label_maps(bare, bare_donor, [2])
+    assert not moved[4:9, 4:9, 3:8].any() and np.array_equal(moved == 2, bare_donor == 2)
     with pytest.raises(UserError, match="shapes"):
         mix_label_maps(base, donor[:20], [2])
 
@@ -132,7 +143,7 @@ def test_derive_folder_with_mixing_is_seeded_records_donors_and_keeps_every_clas
     labels = tmp_path / "labels"
     for name, lab in [("a", _body()), ("b", _moved(3, -2)), ("c", _moved(-2, 3)), ("d", _body()[2:38])]:
         write_nifti(labels / f"{name}.nii.gz", lab, AFFINE)
-    cfg = DeformConfig(mix_prob=1.0)
+    cfg = DeformConfig(mix_prob=1.0, body_class=1)
 
     def run(out: str, seed: int) -> tuple[dict, dict]:
         derive_folder(labels, tmp_path / out, seed=seed, cfg=cfg)
@@ -157,17 +168,28 @@ def test_derive_folder_with_mixing_is_seeded_records_donors_and_keeps_every_clas
 
 def test_a_structure_inside_a_mixed_organ_moves_with_it() -> None:
     body = _body()
-    assert _container(body, 4) == 2 and _container(body, 2) is None and _container(body, 3) is None
+    assert _container(body, 4, 1) == 2 and _container(body, 2, 1) is None and _container(body, 3, 1) is None
     big = body.copy()
     big[11:20, 29:33][big[11:20, 29:33] == 1] = 4  # a block against the organ, inside the body, a quarter its size
     assert not (big[_ring(big == 4)] == 0).any() and (big[_ring(big == 4)] == 2).any()
-    assert _container(big, 4) is None  # too large to lie inside the organ it touches: an organ of its own
-    assert _with_contents([2], body) == [2, 4] and _with_contents([3], body) == [3] and _with_contents([4], body) == [4]
-    mixed = mix_label_maps(body, _moved(3, -2), _with_contents([2], body, _moved(3, -2)))
+    assert _container(big, 4, 1) is None  # too large to lie inside the organ it touches: an organ of its own
+    assert _with_contents([2], body, body=1) == [2, 4] and _with_contents([3], body, body=1) == [3]
+    far = _moved(5, -4)  # its organ does not cover where the base's lesion was: that place must not open to air
+    hole = mix_label_maps(body, far, _with_contents([2], body, far, body=1), body=1)
+    assert not hole[(body != 0) & (hole == 0)].any() and not hole[body == 0].any()
+    mixed = mix_label_maps(body, _moved(3, -2), _with_contents([2], body, _moved(3, -2), body=1), body=1)
     les = np.pad(mixed == 4, 1)
     ring = (les[:-2, 1:-1, 1:-1] | les[2:, 1:-1, 1:-1] | les[1:-1, :-2, 1:-1] | les[1:-1, 2:, 1:-1]
             | les[1:-1, 1:-1, :-2] | les[1:-1, 1:-1, 2:]) & (mixed != 4)
     assert (mixed == 4).sum() == 27 and (mixed[ring] == 2).all()  # whole, and still inside the (moved) organ
+
+
+def test_donors_share_shape_orientation_and_voxel_size_not_position() -> None:
+    g = ((40, 40, 12), ("R", "A", "S"), (1.0, 1.0, 3.0))
+    assert _same_grid(g, ((40, 40, 12), ("R", "A", "S"), (1.05, 0.97, 3.1)))  # another patient, same protocol
+    assert not _same_grid(g, ((40, 40, 12), ("L", "P", "S"), (1.0, 1.0, 3.0)))  # mirrored: organs would flip
+    assert not _same_grid(g, ((40, 40, 12), ("R", "A", "S"), (1.0, 1.0, 5.0)))  # other slice thickness
+    assert not _same_grid(g, ((40, 40, 10), ("R", "A", "S"), (1.0, 1.0, 3.0))) and not _same_grid(g, None)
 
 
 def test_no_mixing_gives_the_unmixed_maps(tmp_path: Path) -> None:
@@ -185,7 +207,7 @@ def test_no_mixing_gives_the_unmixed_maps(tmp_path: Path) -> None:
 
 
 def test_bad_mixing_settings_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    for bad in (dict(mix_prob=1.5), dict(mix_prob=-0.1), dict(mix_classes=0)):
+    for bad in (dict(mix_prob=1.5), dict(mix_prob=-0.1), dict(mix_classes=0), dict(body_class=0)):
         with pytest.raises(UserError, match="mix_prob must be in") as exc:
             DeformConfig(**bad)
         assert "\n" not in str(exc.value)

@@ -42,6 +42,9 @@ class DeformConfig:
     max_tries: int = 20
     mix_prob: float = 0.0  # probability that a derived map takes organs from another label map of the folder
     mix_classes: int = 1  # how many non-body classes a mixed map takes from its donor
+    # the class that holds the others (a labelled body outline): never mixed, and pasted organs stay inside it;
+    # None for label maps without one (organs on background): organs may then be pasted over background
+    body_class: int | None = None
 
     def __post_init__(self) -> None:
         lo, hi = self.volume_range
@@ -50,9 +53,10 @@ class DeformConfig:
                             "extra_components >= 0; max_tries >= 1")
         if self.rotate_deg < 0 or not 0 <= self.scale < 1 or min(self.sigma) <= 0 or min(self.magnitude) < 0:
             raise UserError("derive-labels: rotation >= 0, scale in [0, 1), sigma > 0 and magnitude >= 0")
-        if not 0 <= self.mix_prob <= 1 or self.mix_classes < 1:
+        if not 0 <= self.mix_prob <= 1 or self.mix_classes < 1 or (self.body_class is not None
+                                                                   and self.body_class < 1):
             raise UserError(f"derive-labels: mix_prob must be in [0, 1], got {self.mix_prob}; "
-                            f"mix_classes >= 1, got {self.mix_classes}")
+                            f"mix_classes >= 1, got {self.mix_classes}; body_class >= 1, got {self.body_class}")
 
 
 def count_components(mask: torch.Tensor, max_iter: int = 10_000) -> int:
@@ -96,22 +100,25 @@ def _ring(mask: np.ndarray) -> np.ndarray:
             | p[1:-1, 1:-1, 2:]) & ~mask
 
 
-def _surrounding(base: np.ndarray, mask: np.ndarray, listed: np.ndarray) -> int:
-    """The most frequent class of ``base`` among the 6-neighbours of ``mask`` that are not ``listed``, foreground
-    first (background only when nothing else borders it)."""
+def _surrounding(base: np.ndarray, mask: np.ndarray, listed: np.ndarray, foreground_first: bool = True) -> int:
+    """The most frequent class of ``base`` among the 6-neighbours of ``mask`` that are not ``listed`` (with
+    ``foreground_first``: background only when nothing else borders it)."""
     values, counts = np.unique(base[_ring(mask) & ~listed], return_counts=True)
-    if (values != 0).any():
+    if foreground_first and (values != 0).any():
         values, counts = values[values != 0], counts[values != 0]
     return int(values[np.argmax(counts)]) if values.size else 0
 
 
-def mix_label_maps(base: np.ndarray, donor: np.ndarray, classes: Sequence[int], fill: int | None = None) -> np.ndarray:
+def mix_label_maps(base: np.ndarray, donor: np.ndarray, classes: Sequence[int], fill: int | None = None,
+                   body: int | None = None) -> np.ndarray:
     """``base`` with the structures of ``classes`` taken from ``donor`` (raw (X, Y, Z) int arrays, one shape).
 
-    Each listed class's voxels in ``base`` first become ``fill`` (default: the most frequent non-listed foreground
-    class bordering it in ``base``, 6-neighbourhood, e.g. the body around an organ); then the donor's voxels of the
-    listed classes are written where ``base`` is inside the body (non-zero), never into air. Other classes keep
-    ``base``'s voxels except where a pasted class overwrites them."""
+    The listed classes' voxels in ``base`` first become ``fill`` (default: the most frequent non-listed class
+    bordering them all, 6-neighbourhood: the tissue around the organ, also for a lesion inside it); then the
+    donor's voxels of the listed classes are written where ``base`` holds that tissue or a listed class, never
+    over a kept organ: with a ``body`` class (a labelled body outline) that tissue is the body (nothing goes into
+    air, and the fill prefers foreground so no hole of air opens inside the body), without one (organs on
+    background) it is background."""
     if base.shape != donor.shape:
         raise UserError(f"derive-labels: cannot mix label maps of shapes {base.shape} and {donor.shape}")
     listed = sorted({int(c) for c in classes})
@@ -119,11 +126,10 @@ def mix_label_maps(base: np.ndarray, donor: np.ndarray, classes: Sequence[int], 
         raise UserError(f"derive-labels: mixed classes must be foreground and not the fill, got {listed}, {fill}")
     is_listed = np.isin(base, listed)
     out = base.copy()
-    for c in listed:
-        here = base == c
-        if here.any():
-            out[here] = fill if fill is not None else _surrounding(base, here, is_listed)
-    paste = np.isin(donor, listed) & (base != 0)
+    if is_listed.any():
+        out[is_listed] = fill if fill is not None else _surrounding(base, is_listed, is_listed, body is not None)
+    tissue = body if body is not None else 0
+    paste = np.isin(donor, listed) & (is_listed | (base == tissue))
     out[paste] = donor[paste]
     return out
 
@@ -131,31 +137,25 @@ def mix_label_maps(base: np.ndarray, donor: np.ndarray, classes: Sequence[int], 
 NESTED = 10  # a nested structure is at most 1/NESTED of the size of the class it lies in
 
 
-def _outer(arr: np.ndarray) -> int:
-    """The body: the foreground class with the most voxels (0 when there is none)."""
-    values, counts = np.unique(arr[arr != 0], return_counts=True)
-    return int(values[np.argmax(counts)]) if values.size else 0
-
-
-def _container(arr: np.ndarray, d: int) -> int | None:
+def _container(arr: np.ndarray, d: int, body: int | None = None) -> int | None:
     """The class that class ``d`` of ``arr`` lies in, e.g. the liver around a lesion: its most frequent
-    6-neighbour other than the body, when ``d`` never touches background and is at most 1/``NESTED`` of that
-    class's size; None for a top-level structure (an organ in the body)."""
+    6-neighbour other than ``body``, when ``d`` never touches background and is at most 1/``NESTED`` of that
+    class's size; None for a top-level structure (an organ in the body or on background)."""
     values, counts = np.unique(arr[_ring(arr == d)], return_counts=True)
-    keep = values != _outer(arr)
+    keep = values != (body if body is not None else -1)
     if not values.size or 0 in values or not keep.any():
         return None
     top = int(values[keep][np.argmax(counts[keep])])
     return top if NESTED * int((arr == d).sum()) <= int((arr == top).sum()) else None
 
 
-def _with_contents(classes: list[int], *maps: np.ndarray) -> list[int]:
+def _with_contents(classes: list[int], *maps: np.ndarray, body: int | None = None) -> list[int]:
     """``classes`` plus every class lying inside one of them (:func:`_container`) in any of ``maps``, so that a
     nested structure (a lesion in the liver) moves with its organ."""
     out = set(classes)
     for arr in maps:
         for d in (int(v) for v in np.unique(arr) if v != 0 and v not in out):
-            if _container(arr, d) in classes:
+            if _container(arr, d, body) in classes:
                 out.add(d)
     return sorted(out)
 
@@ -175,37 +175,47 @@ def _mix(base: np.ndarray, mates: list[Path], rng: np.random.Generator, cfg: Def
          read: Callable[[Path], np.ndarray]) -> tuple[np.ndarray, str | None, list[int]]:
     """``base`` mixed with a donor from ``mates`` (same grid; tried in a seeded order, at most ``cfg.max_tries``)
     and the donor's name and classes, or ``base`` unchanged when no donor keeps the anatomy."""
-    values, outer = np.unique(base[base != 0]), _outer(base)  # the body: never mixed
+    values, body = np.unique(base[base != 0]), cfg.body_class  # the body: never mixed
     for i in rng.permutation(len(mates))[: cfg.max_tries]:
         donor = read(mates[i])
         if donor.shape != base.shape:
             continue
-        shared = sorted(set(values.tolist()) & set(np.unique(donor).tolist()) - {0, outer})
+        shared = sorted(set(values.tolist()) & set(np.unique(donor).tolist()) - {0, body})
         # organs only: a nested structure (a lesion) is never drawn alone, it comes with its container
-        top = [c for c in shared if _container(base, c) is None and _container(donor, c) is None]
+        top = [c for c in shared if _container(base, c, body) is None and _container(donor, c, body) is None]
         if not top:
             continue
         classes = sorted(int(c) for c in rng.choice(top, size=min(cfg.mix_classes, len(top)), replace=False))
-        classes = _with_contents(classes, base, donor)  # a lesion moves with its liver
+        classes = _with_contents(classes, base, donor, body=body)  # a lesion moves with its liver
         if not set(classes) <= set(shared):
             continue
-        mixed = mix_label_maps(base, donor, classes)
+        mixed = mix_label_maps(base, donor, classes, body=body)
         if _check_mix(base, donor, mixed, classes, cfg) is None:
             return mixed, mates[i].name, classes
     return base, None, []
 
 
-def _grid(path: Path) -> tuple[int, ...] | None:
-    """A NIfTI file's array shape from its header (trailing singleton dims dropped), None when unreadable."""
+def _grid(path: Path) -> tuple | None:
+    """A NIfTI file's voxel grid from its header: (shape, axis codes, voxel sizes) with trailing singleton dims
+    dropped; None when unreadable."""
     import nibabel as nib
 
     try:
-        shape = tuple(int(d) for d in nib.load(str(path)).shape)
+        img = nib.load(str(path))
+        shape = tuple(int(d) for d in img.shape)
+        codes, zooms = nib.aff2axcodes(img.affine), tuple(float(z) for z in img.header.get_zooms()[:3])
     except Exception:  # read_volume says why when the file itself comes up
         return None
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
-    return shape
+    return shape, codes, zooms
+
+
+def _same_grid(a: tuple | None, b: tuple | None, tol: float = 0.1) -> bool:
+    """Two :func:`_grid` s a donor may be pasted across voxel by voxel: same shape and orientation, voxel sizes
+    within ``tol`` (positions may differ: patients lie at different table positions)."""
+    return (a is not None and b is not None and a[:2] == b[:2]
+            and all(abs(x - y) <= tol * max(x, y) for x, y in zip(a[2], b[2])))
 
 
 def _deform(label: np.ndarray, cfg: DeformConfig, rng: np.random.Generator) -> np.ndarray:
@@ -269,7 +279,7 @@ def derive_folder(labels: Path, out: Path, n_per_label: int = 1, seed: int = 0,
             array, affine = read_volume(f)  # header checks, 3D, finite
             source = array.round().numpy().astype(np.int16)
             stem = f.name.split(".nii")[0]
-            mates = [g for g, shape in grids.items() if shape == source.shape and g != f]  # donors: same grid
+            mates = [g for g, grid in grids.items() if g != f and _same_grid(grid, grids[f])]  # donors: same grid
             for k in range(n_per_label):
                 s = zlib.crc32(f"{seed}:{f.name}:{k}".encode()) & 0x7FFFFFFF  # per map, whatever the order
                 ref, donor, mixed = source, None, []
