@@ -130,7 +130,8 @@ def main() -> None:
         info["metrics"] = m
         info["follow"] = follow(data, synthetic, load_config(run / "config.yaml"))
         rows[method] = info
-        (args.work / "compare.json").write_text(json.dumps(rows, indent=2, default=str))
+        # merged with the earlier record: a --reuse of some methods keeps the others' (their runs are still there)
+        (args.work / "compare.json").write_text(json.dumps({**earlier, **rows}, indent=2, default=str))
 
     names = {"lsdm": "Med-LSDM (VQ-GAN + latent SPADE diffusion)",
              "slice2d": "slice2d (2D slices, SegGuidedDiff-style)",
