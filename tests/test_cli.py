@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,13 @@ def test_every_subcommand_has_help(capsys: pytest.CaptureFixture[str]) -> None:
             build_parser().parse_args([cmd, "--help"])
         assert exc.value.code == 0
         assert len(capsys.readouterr().out.splitlines()) > 3
+
+
+def test_every_subcommand_runs_a_command() -> None:
+    from medlsdm.cli import COMMANDS as RUNNERS
+
+    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    assert sorted(sub.choices) == sorted(RUNNERS)
 
 
 def test_phantom_then_prepare_prints_a_correct_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

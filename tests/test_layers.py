@@ -20,7 +20,7 @@ LAYERS = {
     "pipeline": 5,
     "training": 6, "evaluation": 6,
     "demo": 7,
-    "cli": 8, "__main__": 9,
+    "cli": 8, "cli_parser": 8, "__main__": 9,
 }
 
 

@@ -1,4 +1,4 @@
-"""The paper's segmentation network (Appendix B), its Dice protocol (Table 2) and the augmentation study.
+"""The paper's segmentation network (Appendix B) and its Dice protocol (Table 2).
 
 A MONAI ``UNet`` (kernel 3, instance norm, 1 input channel, C output classes) is trained with
 ``DiceCELoss`` and Adam on random patches (``RandCropByPosNegLabeld``) of real volumes, then segments
@@ -6,7 +6,8 @@ whole volumes with ``sliding_window_inference``. Dice is MONAI's ``DiceMetric`` 
 classes only: the background channel is never averaged in. Sizes come from ``cfg.seg``
 (:class:`medlsdm.config.SegConfig`).
 
-Volumes are lists of (1, D, H, W) tensors: images in [-1, 1], labels class indices.
+Volumes are lists of (1, D, H, W) tensors: images in [-1, 1], labels class indices. The augmentation study that
+trains this network on several data arms is :mod:`medlsdm.evaluation.augment`.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from medlsdm.config import Config
 from medlsdm.data.display import display_window, to_window
 from medlsdm.errors import UserError
 from medlsdm.evaluation.pairing import VolumeSet
-from medlsdm.evaluation.stats import bootstrap_class_mean, bootstrap_mean, bootstrap_ratio, paired_gain
+from medlsdm.evaluation.stats import bootstrap_class_mean, bootstrap_mean, bootstrap_ratio
 from medlsdm.io import file_sha256, load_into, save_weights
 
 
@@ -346,58 +347,3 @@ def segmentation_encoder(model: UNet, cfg: Config | None = None) -> UNetEncoder:
     for p in enc.parameters():
         p.requires_grad_(False)
     return enc
-
-
-def _summary(runs: list[dict]) -> dict:
-    means = np.array([r["mean"] for r in runs], dtype=float)
-    names = runs[0]["per_class"].keys()
-    per_class = {}
-    for n in names:
-        vals = [r["per_class"][n] for r in runs if r["per_class"][n] is not None]
-        per_class[n] = float(np.mean(vals)) if vals else None
-    return dict(mean=float(means.mean()), std=float(means.std(ddof=1)) if len(means) > 1 else 0.0,
-                per_seed=[float(m) for m in means], per_class=per_class)
-
-
-def augment_study(real_small: VolumeSet, synthetic_extra: VolumeSet, real_test: VolumeSet, cfg: Config,
-                  seeds: Sequence[int] = (0, 1, 2), steps: int | None = None,
-                  device: str | torch.device = "cpu", progress: bool = False,
-                  synthetic_new: VolumeSet | None = None, classical: bool = True) -> dict:
-    """Does adding synthetic volumes help, and more than classical augmentation? Arms, each trained once per seed
-    with the same number of optimiser steps (``steps``, else ``cfg.seg.steps``, else ``cfg.seg.epochs`` passes over
-    the largest training set), so they differ in data only:
-
-    ``real_only``; ``real_classical`` (``real_small`` with :func:`classical_augmentation`, when ``classical``);
-    ``real_plus_synthetic`` (+ ``synthetic_extra``, made from training label maps); ``real_plus_new`` (+
-    ``synthetic_new``, made from new label maps, when given).
-
-    Each is scored on ``real_test``. Returns per arm the mean / std / per-seed foreground-mean Dice, and the paired
-    gain of every arm over ``real_only`` (and of synthetic over classical) with a 95% bootstrap interval over seeds.
-    """
-    _check_volumes(synthetic_extra.images, synthetic_extra.labels, "augmentation study: synthetic set")
-    arms: dict[str, tuple[VolumeSet, bool]] = {"real_only": (real_small, False)}
-    if classical:
-        arms["real_classical"] = (real_small, True)
-    arms["real_plus_synthetic"] = (real_small + synthetic_extra, False)
-    if synthetic_new is not None and len(synthetic_new):
-        _check_volumes(synthetic_new.images, synthetic_new.labels, "augmentation study: new-label-map set")
-        arms["real_plus_new"] = (real_small + synthetic_new, False)
-    if steps is None and cfg.seg.steps <= 0:
-        steps = math.ceil(max(len(d) for d, _ in arms.values()) / cfg.seg.batch_size) * cfg.seg.epochs
-    runs: dict[str, list[dict]] = {k: [] for k in arms}
-    for seed in seeds:
-        for arm, (data, augment) in arms.items():
-            model, _ = train_segmenter(data.images, data.labels, cfg, steps=steps, seed=seed, device=device,
-                                       progress=progress, augment=augment)
-            runs[arm].append(evaluate_dice(model, real_test.images, real_test.labels, cfg, device))
-    out: dict = {arm: _summary(r) for arm, r in runs.items()}
-    base = out["real_only"]["per_seed"]
-    out["gains"] = {arm: paired_gain(out[arm]["per_seed"], base) for arm in arms if arm != "real_only"}
-    if classical:
-        out["synthetic_vs_classical"] = {arm: paired_gain(out[arm]["per_seed"], out["real_classical"]["per_seed"])
-                                         for arm in ("real_plus_synthetic", "real_plus_new") if arm in out}
-    out.update(gain=out["real_plus_synthetic"]["mean"] - out["real_only"]["mean"], seeds=list(seeds),
-               steps=steps or cfg.seg.steps, n_real=len(real_small), n_synthetic=len(synthetic_extra),
-               n_new=len(synthetic_new) if synthetic_new is not None else 0, n_test=len(real_test),
-               arms=list(arms))
-    return out

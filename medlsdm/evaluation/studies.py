@@ -17,10 +17,11 @@ from matplotlib.figure import Figure
 from medlsdm.config import Config
 from medlsdm.devices import resolve_device
 from medlsdm.errors import UserError
+from medlsdm.evaluation.augment import augment_study
 from medlsdm.evaluation.evaluate import as_config, jsonable, test_split, whole_volumes_note
 from medlsdm.evaluation.pairing import label_files, load_cases, load_real, load_synthetic, real_cases, synthetic_files
 from medlsdm.evaluation.report import REAL, SYNTH, dice_figure, save_figure
-from medlsdm.evaluation.segmentation import augment_study, dice_protocol, load_segmenter
+from medlsdm.evaluation.segmentation import dice_protocol, load_segmenter
 from medlsdm.io import atomic_write_text
 
 
