@@ -157,17 +157,23 @@ def perceptual_network(
     weights: str | Path | None = None,
     lpips_weights: str | Path | None = None,
     n_slices: int = 4,
+    seed: int | None = None,
 ) -> tuple[PerceptualLoss | None, str]:
     """The frozen perceptual network named by ``backbone`` ("vgg16", "random-vgg16" or "none" -> None) and a
     one-line description naming it, its weights files and whether it is pretrained.
 
     weights: torchvision's VGG16 file for "vgg16" (None: the torch hub cache). lpips_weights: LPIPS's
     linear-layer file (None: every channel weighs the same). n_slices: slices per volume compared (0 = all).
-    Missing or wrong files are one-line UserErrors."""
+    seed: "random-vgg16" drawn from this seed (the same network in every run, the global RNG untouched; named in
+    the description) instead of the global RNG. Missing or wrong files are one-line UserErrors."""
     if backbone == "none":
         return None, NO_PERCEPTUAL
     if backbone == "random-vgg16":
-        return PerceptualLoss(n_slices), "randomly initialised VGG16 (NOT pretrained)"
+        if seed is None:
+            return PerceptualLoss(n_slices), "randomly initialised VGG16 (NOT pretrained)"
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return PerceptualLoss(n_slices), f"randomly initialised (seed {seed}) VGG16 (NOT pretrained)"
     if backbone != "vgg16":
         choices = "'vgg16', 'random-vgg16' or 'none'"
         raise UserError(f"config: vqgan.perceptual_backbone must be {choices}, got {backbone!r}")

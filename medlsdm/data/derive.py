@@ -177,9 +177,7 @@ def _mix(base: np.ndarray, mates: list[Path], rng: np.random.Generator, cfg: Def
     and the donor's name and classes, or ``base`` unchanged when no donor keeps the anatomy."""
     values, body = np.unique(base[base != 0]), cfg.body_class  # the body: never mixed
     for i in rng.permutation(len(mates))[: cfg.max_tries]:
-        donor = read(mates[i])
-        if donor.shape != base.shape:
-            continue
+        donor = read(mates[i])  # same shape: mates share the base's grid (_same_grid)
         shared = sorted(set(values.tolist()) & set(np.unique(donor).tolist()) - {0, body})
         # organs only: a nested structure (a lesion) is never drawn alone, it comes with its container
         top = [c for c in shared if _container(base, c, body) is None and _container(donor, c, body) is None]

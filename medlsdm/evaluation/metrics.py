@@ -94,11 +94,8 @@ RANDOM_NETWORK_SEED = 0
 
 @lru_cache(maxsize=2)
 def _perceptual(backbone: str, weights: str | None, lpips_weights: str | None) -> tuple[PerceptualLoss, str]:
-    with torch.random.fork_rng(devices=[]):  # a random network is the same one in every run, whatever ran before
-        torch.manual_seed(RANDOM_NETWORK_SEED)
-        module, description = perceptual_network(backbone, weights, lpips_weights, n_slices=1)
-    if backbone == "random-vgg16":
-        description = description.replace("randomly initialised", f"randomly initialised (seed {RANDOM_NETWORK_SEED})")
+    # a random network is the same one in every run, whatever ran before
+    module, description = perceptual_network(backbone, weights, lpips_weights, n_slices=1, seed=RANDOM_NETWORK_SEED)
     if module is None:
         raise UserError(f"config: LPIPS needs a perceptual backbone ('vgg16' or 'random-vgg16'), got {backbone!r}")
     return module, description
