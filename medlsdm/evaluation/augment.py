@@ -15,7 +15,7 @@ import torch
 
 from medlsdm.config import Config
 from medlsdm.evaluation.pairing import VolumeSet
-from medlsdm.evaluation.segmentation import _check_volumes, evaluate_dice, train_segmenter
+from medlsdm.evaluation.segmentation import check_volumes, evaluate_dice, train_segmenter
 from medlsdm.evaluation.stats import paired_gain
 
 
@@ -46,13 +46,13 @@ def augment_study(real_small: VolumeSet, synthetic_extra: VolumeSet, real_test: 
     Each is scored on ``real_test``. Returns per arm the mean / std / per-seed foreground-mean Dice, and the paired
     gain of every arm over ``real_only`` (and of synthetic over classical) with a 95% bootstrap interval over seeds.
     """
-    _check_volumes(synthetic_extra.images, synthetic_extra.labels, "augmentation study: synthetic set")
+    check_volumes(synthetic_extra.images, synthetic_extra.labels, "augmentation study: synthetic set")
     arms: dict[str, tuple[VolumeSet, bool]] = {"real_only": (real_small, False)}
     if classical:
         arms["real_classical"] = (real_small, True)
     arms["real_plus_synthetic"] = (real_small + synthetic_extra, False)
     if synthetic_new is not None and len(synthetic_new):
-        _check_volumes(synthetic_new.images, synthetic_new.labels, "augmentation study: new-label-map set")
+        check_volumes(synthetic_new.images, synthetic_new.labels, "augmentation study: new-label-map set")
         arms["real_plus_new"] = (real_small + synthetic_new, False)
     if steps is None and cfg.seg.steps <= 0:
         steps = math.ceil(max(len(d) for d, _ in arms.values()) / cfg.seg.batch_size) * cfg.seg.epochs

@@ -69,7 +69,8 @@ def state_sha256(model: nn.Module, length: int = 12) -> str:
     return h.hexdigest()[:length]
 
 
-def _check_volumes(images: Sequence[Tensor], labels: Sequence[Tensor | None], what: str) -> None:
+def check_volumes(images: Sequence[Tensor], labels: Sequence[Tensor | None], what: str) -> None:
+    """One-line UserError unless ``images`` is non-empty and every image has its label map."""
     if len(images) == 0:
         raise UserError(f"{what}: no volumes to train or evaluate the segmentation network on")
     if len(images) != len(labels) or any(lab is None for lab in labels):
@@ -168,7 +169,7 @@ def train_segmenter(
     With ``out_path`` the weights are saved as safetensors. Returns ``(model in eval mode, info)``;
     ``info`` holds the step count, loss curve, timing and the weights' ``sha256``.
     """
-    _check_volumes(images, labels, "segmentation training set")
+    check_volumes(images, labels, "segmentation training set")
     device = torch.device(device)
     patch = effective_patch(cfg)
     per_epoch = math.ceil(len(images) / cfg.seg.batch_size)
@@ -283,7 +284,7 @@ def dice_ratio(synthetic: dict, real: dict) -> dict:
 def evaluate_dice(model: nn.Module, images: Sequence[Tensor], labels: Sequence[Tensor], cfg: Config,
                   device: str | torch.device = "cpu") -> dict:
     """Segment every image and score it against its label map: see :func:`dice_scores`."""
-    _check_volumes(images, labels, "Dice evaluation set")
+    check_volumes(images, labels, "Dice evaluation set")
     model.eval()
     preds = [predict(model, img, cfg, device) for img in images]
     out = dice_scores(preds, labels, cfg.data.num_classes, cfg.data.label_names)
