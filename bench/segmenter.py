@@ -66,14 +66,17 @@ def held_out(n: int, shape: tuple[int, int, int]):
 SIZE_BINS = (200, 600)  # lesion voxels: small < 200 <= medium < 600 <= large
 
 
-def lesion_by_size(test, d: dict, cls: int) -> str:
-    """Mean lesion Dice of the volumes whose lesion (all its voxels) is small / medium / large (see SIZE_BINS)."""
-    groups: dict[str, list[float]] = {"small": [], "medium": [], "large": []}
+def lesion_groups(test, d: dict, cls: int, liver: int) -> str:
+    """Mean lesion Dice (and volume count) by the lesion's voxels in the volume (small / medium / large, see
+    SIZE_BINS) and by its appearance: darker (hypodense) or brighter (hyperdense) than the rest of the liver."""
+    groups: dict[str, list[float]] = {k: [] for k in ("small", "medium", "large", "hypo", "hyper")}
     for i, dice in enumerate(d["per_class_cases"][LESION]):
         if dice is None:
             continue
-        n = int((test.labels[i][0] == cls).sum())
+        lab, img = test.labels[i][0], test.images[i][0]
+        n = int((lab == cls).sum())
         groups["small" if n < SIZE_BINS[0] else "medium" if n < SIZE_BINS[1] else "large"].append(dice)
+        groups["hyper" if float(img[lab == cls].mean()) > float(img[lab == liver].mean()) else "hypo"].append(dice)
     return " | ".join(f"{sum(v) / len(v):.2f} ({len(v)})" if v else "-" for v in groups.values())
 
 
@@ -92,11 +95,12 @@ def main() -> None:
     train = load_real(data, base.data, "train", need_labels=True)
     test = load_real(data, base.data, "test", need_labels=True)
     extra = load_real(held_out(args.held_out, base.data.shape), base.data, "train", need_labels=True)
-    cls = base.data.label_names.index(LESION)
+    cls, liver = base.data.label_names.index(LESION), base.data.label_names.index("liver")
     names = list(base.data.label_names[1:])
     rows = ["| setting | train s | steps | mean | " + " | ".join(names) + " |", "|---" * (len(names) + 4) + "|"]
-    rows_extra = ["| setting | mean | " + " | ".join(names) + " | lesion small | medium | large |",
-                  "|---" * (len(names) + 5) + "|"]
+    groups = " | lesion: small | medium | large | hypodense | hyperdense |"
+    rows_extra = ["| setting | mean | " + " | ".join(names) + groups,
+                  "|---" * (len(names) + 7) + "|"]
     per_lesion = {}
     for label, spec in VARIANTS.items():
         cfg = dataclasses.replace(base, seg=dataclasses.replace(base.seg, **spec))
@@ -109,7 +113,7 @@ def main() -> None:
         per_lesion[label] = lesion_cases(test, d, cls)
         e = evaluate_dice(model, extra.images, extra.labels, cfg)
         rows_extra.append(f"| {label} | **{ci(e)}** | " + " | ".join(ci(e, n) for n in names) + " | "
-                          + lesion_by_size(extra, e, cls) + " |")
+                          + lesion_groups(extra, e, cls, liver) + " |")
         print(rows[-1], per_lesion[label], rows_extra[-1], flush=True)
     n_lesion = sum(v is not None for v in d["per_class_cases"][LESION])
     n_lesion_extra = sum(v is not None for v in e["per_class_cases"][LESION])
@@ -127,8 +131,9 @@ def main() -> None:
         "cut by the field of view):", "",
         *[f"- {label}: {text}" for label, text in per_lesion.items() if label != next(iter(VARIANTS))], "",
         f"The same networks on {len(extra.images)} other phantom subjects (generator seed 1, never trained on; the "
-        f"lesion is in {n_lesion_extra} of them). Last three columns: mean lesion Dice (volumes) by the lesion's "
-        f"voxels in the volume, small < {SIZE_BINS[0]} <= medium < {SIZE_BINS[1]} <= large.", "",
+        f"lesion is in {n_lesion_extra} of them). Last five columns: mean lesion Dice (volumes) by the lesion's "
+        f"voxels in the volume, small < {SIZE_BINS[0]} <= medium < {SIZE_BINS[1]} <= large, and by whether it is "
+        "darker (hypodense) or brighter (hyperdense) than the rest of the liver in the image.", "",
         *rows_extra,
     ])
     write_section("segmenter", md)
