@@ -267,3 +267,22 @@ def test_poly_learning_rate_decays_to_zero_over_the_run() -> None:
                                            "lr_schedule": schedule, "crop_balance": "none"}})
         _, info = train_segmenter([img], [lab], cfg, seed=0)
         assert info["lr_schedule"] == schedule and info["final_lr"] == pytest.approx(final, abs=1e-12)
+
+
+def test_poly_learning_rate_follows_nnunet_curve_at_every_step(monkeypatch) -> None:
+    """Each optimiser step i of n uses lr0 * (1 - i / n) ** 0.9, not only the last one (catches an off-by-one step,
+    a wrong exponent, or a schedule stepped before the first update)."""
+    seen: list[float] = []
+    step = torch.optim.Adam.step
+
+    def recording_step(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    lab = _blocks()
+    cfg = load_config("tiny", {"data": {"shape": list(SHAPE), "spacing": None},
+                               "seg": {"channels": [4, 8], "patch": [8, 8, 8], "lr": 1e-3, "steps": 4,
+                                       "lr_schedule": "poly", "crop_balance": "none"}})
+    train_segmenter([lab.float() / 3 - 0.5], [lab], cfg, seed=0)
+    assert seen == pytest.approx([1e-3 * (1 - i / 4) ** 0.9 for i in range(4)], rel=1e-9)
