@@ -132,3 +132,19 @@ def test_commands_without_config_use_the_plan_and_contradictions_stop(tmp_path: 
     assert "\n" not in err and not (tmp_path / "x").exists()
     with pytest.raises(UserError, match="lists 4 label classes, but the config has data.num_classes 6"):
         check_config_against_data(load_config("tiny", {"data": {"modality": "mr"}}), mr)
+
+
+def test_segtest_with_model_runs_with_the_runs_config_end_to_end(tmp_path: Path, capsys) -> None:
+    """``segtest --model RUN`` without --config trains the segmenter the run's config.yaml describes (2 steps on
+    8^3 patches), not the plan's or the tiny preset's (1200 steps on 16 x 32 x 32); the record says so."""
+    data = tmp_path / "ph"
+    assert main(["phantom", "--out", str(data), "--n", "3", "--shape", "8", "16", "16", "--test-fraction", "0.34"]) == 0
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = load_config("tiny", {"data": {"shape": [8, 16, 16], "spacing": None},
+                               "seg": {"channels": [4, 8], "patch": [8, 8, 8], "steps": 2, "crop_balance": "none"}})
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    assert main(["segtest", "--real", str(data), "--out", str(tmp_path / "seg"), "--model", str(run)]) == 0
+    record = json.loads((tmp_path / "seg" / "segtest.json").read_text())
+    assert record["segmenter"]["steps"] == 2 and record["segmenter"]["patch"] == [8, 8, 8]
+    assert "planned from" not in capsys.readouterr().out
