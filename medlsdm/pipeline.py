@@ -149,8 +149,9 @@ class SynthesisPipeline:
 
     @property
     def keep_larger(self) -> tuple[int, int, int] | None:
-        """How label maps larger than ``data.shape`` are kept whole (see ``load_label_map``); None: cropped."""
-        return tuple(self.cfg.vqgan.downsample) if self.vqgan is not None else None
+        """How label maps larger than ``data.shape`` are kept whole (see ``load_label_map``): padded to a multiple
+        of the VQ-GAN's down-sampling, or as they are for the pixel-space baselines (their U-Net takes any size)."""
+        return tuple(self.cfg.vqgan.downsample) if self.vqgan is not None else (1, 1, 1)
 
     def configure(self, **ldm_options) -> "SynthesisPipeline":
         """Override sampling settings of ``cfg.ldm`` for this pipeline, e.g. ``spade_cache=False``,

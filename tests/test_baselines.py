@@ -148,6 +148,29 @@ def test_baseline_trains_and_samples_a_volume(method: str, runs: dict[str, Path]
     assert not torch.equal(pipe(label, n=1, seed=4, steps=2)[0].array, a.array)
 
 
+@pytest.mark.parametrize("method", ["slice2d", "pixel3d"])
+def test_baseline_samples_a_label_map_larger_than_the_config_whole(method: str, runs: dict[str, Path],
+                                                                   phantoms: Path, tmp_path: Path) -> None:
+    """A label map 4 slices deeper and 8 columns wider than data.shape (8, 32, 32) is generated whole, as Med-LSDM
+    does: no crop, and the extra slices are drawn from their labels, not written as air."""
+    src = nib.load(str(sorted((phantoms / "labelsTs").glob("*.nii.gz"))[0]))
+    arr = np.asarray(src.dataobj)  # (W, H, D) = (32, 32, 8)
+    big = np.concatenate([arr, arr[:8]], axis=0)
+    big = np.concatenate([big, big[:, :, :4]], axis=2)  # (40, 32, 12)
+    path = tmp_path / "big.nii.gz"
+    nib.save(nib.Nifti1Image(big.astype(np.int16), src.affine), str(path))
+    pipe = SynthesisPipeline.from_pretrained(runs[method], device="cpu")
+    vol = pipe(path, n=1, seed=0, steps=2)[0]
+    assert vol.array.shape == (12, 32, 40)
+    out = nib.load(str(vol.save(tmp_path / "syn.nii.gz")))
+    hu = np.asarray(out.dataobj, dtype=np.float32)
+    assert out.shape == big.shape and np.allclose(out.affine, src.affine)
+    # a centre crop to (8, 32, 32) would drop 4 columns at each side and 2 slices at each end (written as air)
+    for slab in (np.s_[:4], np.s_[-4:], np.s_[:, :, :2], np.s_[:, :, -2:]):
+        inside = big[slab] > 0
+        assert inside.any() and float(hu[slab][inside].mean()) > -900, slab
+
+
 def test_sample_cli_works_for_a_baseline_run(tmp_path: Path, runs: dict[str, Path], phantoms: Path) -> None:
     out, labels = tmp_path / "syn", phantoms / "labelsTs"
     argv = ["sample", "--model", str(runs["pixel3d"]), "--labels", str(labels), "--out", str(out), "--steps", "2",
