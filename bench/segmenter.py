@@ -16,11 +16,10 @@ import argparse
 import dataclasses
 import time
 
-from _common import WORK, command_line, header, write_section
-from vqgan import SCALES, phantoms
+from _common import command_line, header, write_section
+from vqgan import phantoms
 
 from medlsdm.config import load_config
-from medlsdm.data.phantom import write_phantom_dataset
 from medlsdm.evaluation.pairing import load_real
 from medlsdm.evaluation.segmentation import evaluate_dice, train_segmenter
 from medlsdm.evaluation.stats import with_interval
@@ -55,14 +54,6 @@ def lesion_cases(test, d: dict, cls: int) -> str:
     return "; ".join(out)
 
 
-def held_out(n: int, shape: tuple[int, int, int]):
-    """``n`` phantom subjects of generator seed 1 (none of them in the seed-0 training or test set), same scale."""
-    root = WORK / f"phantoms_paper_{n}_{'x'.join(map(str, shape))}_seed1"
-    if not (root / "dataset.json").is_file():
-        write_phantom_dataset(root, n, modality="ct", shape=shape, seed=1, test_fraction=0.0, **SCALES["paper"])
-    return root
-
-
 SIZE_BINS = (200, 600)  # lesion voxels: small < 200 <= medium < 600 <= large
 
 
@@ -94,7 +85,9 @@ def main() -> None:
     data = phantoms(args.cases, base.data.shape)
     train = load_real(data, base.data, "train", need_labels=True)
     test = load_real(data, base.data, "test", need_labels=True)
-    extra = load_real(held_out(args.held_out, base.data.shape), base.data, "train", need_labels=True)
+    # other subjects (generator seed 1, none in the seed-0 set), all of them held out
+    extra = load_real(phantoms(args.held_out, base.data.shape, seed=1, test_fraction=0.0), base.data, "train",
+                      need_labels=True)
     cls, liver = base.data.label_names.index(LESION), base.data.label_names.index("liver")
     names = list(base.data.label_names[1:])
     rows = ["| setting | train s | steps | mean | " + " | ".join(names) + " |", "|---" * (len(names) + 4) + "|"]

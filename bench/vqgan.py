@@ -52,11 +52,15 @@ VARIANTS = {
 }
 
 
-def phantoms(n: int, shape: tuple[int, int, int], scale: str = "paper", lesions: str = "mixed") -> Path:
-    root = WORK / (f"phantoms_{scale}_{n}_{'x'.join(map(str, shape))}" + ("" if lesions == "mixed" else f"_{lesions}"))
+def phantoms(n: int, shape: tuple[int, int, int], scale: str = "paper", lesions: str = "mixed", seed: int = 0,
+             test_fraction: float = 0.2) -> Path:
+    """The bench's phantom data set (written once under bench/_work): seed 0 with a 20% test split is the shared
+    one; another generator ``seed`` gives other subjects (e.g. all ``n`` as a held-out set, ``test_fraction`` 0)."""
+    root = WORK / (f"phantoms_{scale}_{n}_{'x'.join(map(str, shape))}" + ("" if lesions == "mixed" else f"_{lesions}")
+                   + ("" if (seed, test_fraction) == (0, 0.2) else f"_seed{seed}_test{test_fraction:g}"))
     if not (root / "dataset.json").is_file():
-        write_phantom_dataset(root, n, modality="ct", shape=shape, seed=0, test_fraction=0.2, lesions=lesions,
-                              **SCALES[scale])
+        write_phantom_dataset(root, n, modality="ct", shape=shape, seed=seed, test_fraction=test_fraction,
+                              lesions=lesions, **SCALES[scale])
     return root
 
 
