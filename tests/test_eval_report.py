@@ -186,6 +186,8 @@ def test_volumes_larger_than_the_config_are_evaluated_whole_never_cropped(cfg, t
     assert any("evaluated whole, not cropped" in n for n in m["notes"])
     assert "evaluated whole" in (tmp_path / "out" / "report.md").read_text()
     assert m["dice"]["table"]["real test"]["n"] == 2
+    weak = [n for n, v in m["dice"]["table"]["real test"]["per_class"].items() if v is not None and v < 0.6]
+    assert weak and any("cannot judge" in n and all(c in n for c in weak) for n in m["notes"])
     assert math.isfinite(m["fidelity"]["grid"]["max"]) and math.isfinite(m["inter_slice"]["wasserstein"])
     # the loaders: whole by default in evaluation, the training crop only when asked for
     cases = real_cases(data)

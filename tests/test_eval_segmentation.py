@@ -27,6 +27,7 @@ from medlsdm.evaluation.segmentation import (
     predict,
     segmentation_encoder,
     train_segmenter,
+    untrusted_classes_note,
 )
 from medlsdm.evaluation.studies import run_augment_study, run_segtest
 from medlsdm.io import file_sha256
@@ -194,6 +195,21 @@ def test_augment_study_and_segtest_entry_points(data, cfg, tmp_path):
     assert set(res["table"]) == {"real train", "real test", "synthetic"}
     assert (tmp_path / "seg" / "segmenter.safetensors").is_file() and (tmp_path / "seg" / "dice.png").is_file()
     assert json.loads((tmp_path / "seg" / "segtest.json").read_text())["segmenter"]["steps"] == 3
+    # 3 steps find no class well: the note names exactly the classes under 0.6 on the real test volumes
+    real = res["table"]["real test"]["per_class"]
+    weak = {n for n, v in real.items() if v is not None and v < 0.6}
+    note = next(n for n in res["notes"] if "cannot judge" in n)
+    assert weak and {n for n in real if f" {n} " in f" {note}"} == weak
+
+
+def test_the_note_names_the_classes_the_segmenter_cannot_find_on_real_volumes() -> None:
+    real = dict(per_class={"body": 0.95, "liver": 0.6, "kidney": None, "lesion": 0.29},
+                per_class_ci={"body": [0.9, 0.97], "liver": [0.5, 0.7], "kidney": [None, None], "lesion": [0.2, 0.4]})
+    note = untrusted_classes_note(real)
+    assert "lesion 0.29 [0.20, 0.40]" in note and "cannot judge" in note
+    assert "body" not in note and "liver" not in note and "kidney" not in note  # found, at the bar, absent
+    assert untrusted_classes_note(real, threshold=0.25) is None
+    assert "body" in untrusted_classes_note(real, threshold=0.96)
 
 
 def test_every_dice_has_a_bootstrap_interval_and_the_ratio_one_too() -> None:

@@ -25,7 +25,13 @@ from medlsdm.evaluation.fidelity import fidelity
 from medlsdm.evaluation.pairing import VolumeSet, load_cases, load_real, load_synthetic, real_cases
 from medlsdm.evaluation.privacy import privacy_audit
 from medlsdm.evaluation.report import write_report
-from medlsdm.evaluation.segmentation import dice_protocol, load_segmenter, segmentation_encoder, train_segmenter
+from medlsdm.evaluation.segmentation import (
+    dice_protocol,
+    load_segmenter,
+    segmentation_encoder,
+    train_segmenter,
+    untrusted_classes_note,
+)
 from medlsdm.io import atomic_write_text
 
 DOMAIN_NAME = "segmentation U-Net encoder (Appendix B network trained on the real training set)"
@@ -200,6 +206,8 @@ def evaluate(
         if real_set.labelled:
             metrics["dice"] = dice_protocol(train_set, real_set, synth_set, cfg, model=segmenter, device=dev)
             metrics["dice"]["segmenter"] = seg_info
+            if weak := untrusted_classes_note(metrics["dice"]["table"]["real test"]):
+                metrics["notes"].append(weak)
         else:
             metrics["notes"].append("Dice protocol skipped: the real volumes have no label maps")
 

@@ -36,7 +36,7 @@ from medlsdm.config import Config
 from medlsdm.data.display import display_window, to_window
 from medlsdm.errors import UserError
 from medlsdm.evaluation.pairing import VolumeSet
-from medlsdm.evaluation.stats import bootstrap_class_mean, bootstrap_mean, bootstrap_ratio
+from medlsdm.evaluation.stats import bootstrap_class_mean, bootstrap_mean, bootstrap_ratio, with_interval
 from medlsdm.io import file_sha256, load_into, save_weights
 
 
@@ -279,6 +279,22 @@ def dice_ratio(synthetic: dict, real: dict) -> dict:
     for name in real.get("per_class_cases", {}):
         out[name] = bootstrap_ratio(synthetic["per_class_cases"].get(name, []), real["per_class_cases"][name])
     return out
+
+
+TRUSTED_DICE = 0.6  # a class found worse than this on real test volumes cannot be judged on synthetic ones
+
+
+def untrusted_classes_note(real_test: dict, threshold: float = TRUSTED_DICE) -> str | None:
+    """The classes the segmenter finds below ``threshold`` Dice on real test volumes (a :func:`dice_scores` dict),
+    for which its Dice on synthetic volumes says little; None when it finds every present class."""
+    weak = [n for n, v in real_test["per_class"].items() if v is not None and v < threshold]
+    if not weak:
+        return None
+    found = ", ".join(f"{n} {with_interval(real_test['per_class'][n], real_test['per_class_ci'].get(n), 2)}"
+                      for n in weak)
+    return (f"the segmenter finds {found} on the real test volumes (Dice under {threshold:g}): its Dice on synthetic "
+            "volumes cannot judge these classes; train it on more real subjects, or with more channels or steps "
+            "(seg.channels, seg.steps)")
 
 
 def evaluate_dice(model: nn.Module, images: Sequence[Tensor], labels: Sequence[Tensor], cfg: Config,

@@ -21,7 +21,7 @@ from medlsdm.evaluation.augment import augment_study
 from medlsdm.evaluation.evaluate import as_config, jsonable, test_split, whole_volumes_note
 from medlsdm.evaluation.pairing import label_files, load_cases, load_real, load_synthetic, real_cases, synthetic_files
 from medlsdm.evaluation.report import REAL, SYNTH, dice_figure, save_figure
-from medlsdm.evaluation.segmentation import dice_protocol, load_segmenter
+from medlsdm.evaluation.segmentation import dice_protocol, load_segmenter, untrusted_classes_note
 from medlsdm.io import atomic_write_text
 
 
@@ -48,9 +48,10 @@ def run_segtest(
     model = load_segmenter(weights, cfg, dev)[0] if weights is not None else None
     result = dice_protocol(train_set, test_set, synth_set, cfg, model=model, steps=steps, seed=seed,
                            out_path=None if weights else out / "segmenter.safetensors", device=dev, progress=progress)
-    note = whole_volumes_note(cfg, test_set, train_set, synth_set)
+    notes = [whole_volumes_note(cfg, test_set, train_set, synth_set),
+             untrusted_classes_note(result["table"]["real test"])]
     result = jsonable(dict(result, inputs=dict(real=str(real), train=str(train or real), synthetic=synthetic,
-                                               weights=weights, config=cfg.name), notes=[note] if note else []))
+                                               weights=weights, config=cfg.name), notes=[n for n in notes if n]))
     result["figure"] = dice_figure(out / "dice.png", result["table"])
     atomic_write_text(out / "segtest.json", json.dumps(result, indent=2) + "\n")
     return result
