@@ -31,6 +31,7 @@ from medlsdm.evaluation.segmentation import evaluate_dice, train_segmenter
 from medlsdm.evaluation.stats import with_interval
 
 BIG = dict(channels=(16, 32, 64, 128), patch=(16, 32, 32), batch_size=4, steps=1200, lr=2e-3)
+WIDE = dict(channels=(32, 64, 128, 256))
 VARIANTS = {
     "old tiny (8-16-32, 120 steps, model input)": dict(channels=(8, 16, 32), patch=(16, 32, 32), batch_size=4,
                                                        lr=1e-3, epochs=10, steps=0, input_window="model",
@@ -38,9 +39,9 @@ VARIANTS = {
     "16-128, 1200 steps, display window": dict(BIG, input_window="display", crop_balance="none"),
     "+ equal class crops": dict(BIG, input_window="display", class_ratios=[0.5, 1, 1, 1, 1, 1]),
     "+ inverse-sqrt class crops (default)": dict(BIG, input_window="display", crop_balance="inverse_sqrt"),
-    "+ 32-256 widths": dict(BIG, input_window="display", crop_balance="inverse_sqrt", channels=(32, 64, 128, 256)),
-    "+ 32-256 widths, poly lr, 2400 steps": dict(BIG, input_window="display", crop_balance="inverse_sqrt",
-                                                  channels=(32, 64, 128, 256), lr_schedule="poly", steps=2400),
+    "+ 32-256 widths": dict(BIG, input_window="display", crop_balance="inverse_sqrt", **WIDE),
+    "+ 32-256 widths, poly lr, 2400 steps": dict(BIG, input_window="display", crop_balance="inverse_sqrt", **WIDE,
+                                                  lr_schedule="poly", steps=2400),
 }
 LESION = "lesion"
 
@@ -82,33 +83,36 @@ def ci(d: dict, name: str | None = None) -> str:
     return with_interval(value, bounds)
 
 
+def train_and_score(base, spec: dict, images: list, labels: list, sets: list) -> tuple[float, dict, list[dict]]:
+    """Train the tiny segmenter with ``spec`` over ``base.seg`` (seed 0) and score it on each VolumeSet of ``sets``:
+    (training seconds, training info, one Dice dict per set)."""
+    cfg = dataclasses.replace(base, seg=dataclasses.replace(base.seg, **spec))
+    t = time.perf_counter()
+    model, info = train_segmenter(images, labels, cfg, seed=0)
+    seconds = time.perf_counter() - t
+    return seconds, info, [evaluate_dice(model, s.images, s.labels, cfg) for s in sets]
+
+
 POLY = dict(lr_schedule="poly")
 SCALING = [  # (setting, its seg settings, training phantoms added to the 48: generator seed 2, in no other set)
-    ("default, poly lr, 2400 steps", dict(POLY, steps=2400), 0),
-    ("default, poly lr, 2400 steps", dict(POLY, steps=2400), 144),
-    ("default, poly lr, 2400 steps", dict(POLY, steps=2400), 336),
-    ("32-256 widths, poly lr, 4800 steps", dict(POLY, steps=4800, channels=(32, 64, 128, 256)), 0),
-    ("32-256 widths, poly lr, 4800 steps", dict(POLY, steps=4800, channels=(32, 64, 128, 256)), 144),
+    *[("default, poly lr, 2400 steps", dict(POLY, steps=2400), more) for more in (0, 144, 336)],
+    *[("32-256 widths, poly lr, 4800 steps", dict(POLY, **WIDE, steps=4800), more) for more in (0, 144)],
 ]
 
 
 def scaling(base, train, test, extra, names: list[str], cls: int, liver: int, data) -> None:
     """The `segmenter_scaling` section: settings trained on 1x, 4x and 8x the training subjects."""
     groups = " lesion: small | medium | large | hypodense | hyperdense |"
-    rows = ["| setting | training subjects | train s | 12 test: mean | lesion | 48 others: mean | "
-            + " | ".join(names) + " |" + groups, "|---" * (len(names) + 11) + "|"]
+    rows = [f"| setting | training subjects | train s | {len(test.images)} test: mean | lesion | "
+            f"{len(extra.images)} others: mean | " + " | ".join(names) + " |" + groups,
+            "|---" * (len(names) + 11) + "|"]
+    added = {more: load_real(phantoms(more, base.data.shape, seed=2, test_fraction=0.0), base.data, "train",
+                             need_labels=True) for more in sorted({m for _, _, m in SCALING} - {0})}
     for label, spec, more in SCALING:
-        cfg = dataclasses.replace(base, seg=dataclasses.replace(base.seg, **spec))
         images, labels = list(train.images), list(train.labels)
         if more:
-            add = load_real(phantoms(more, base.data.shape, seed=2, test_fraction=0.0), base.data, "train",
-                            need_labels=True)
-            images, labels = images + list(add.images), labels + list(add.labels)
-        t = time.perf_counter()
-        model, _ = train_segmenter(images, labels, cfg, seed=0)
-        seconds = time.perf_counter() - t
-        d = evaluate_dice(model, test.images, test.labels, cfg)
-        e = evaluate_dice(model, extra.images, extra.labels, cfg)
+            images, labels = images + list(added[more].images), labels + list(added[more].labels)
+        seconds, _, (d, e) = train_and_score(base, spec, images, labels, [test, extra])
         rows.append(f"| {label} | {len(images)}{' (the training split)' if not more else ''} | {seconds:.0f} | "
                     f"{ci(d)} | {ci(d, LESION)} | **{ci(e)}** | " + " | ".join(ci(e, n) for n in names) + " | "
                     + lesion_groups(extra, e, cls, liver) + " |")
@@ -117,9 +121,10 @@ def scaling(base, train, test, extra, names: list[str], cls: int, liver: int, da
         "## segmenter_scaling: is the lesion limited by the number of training subjects?", "",
         header(command_line()),
         f"Segmenter settings of the tiny preset trained on the {len(train.images)} training phantoms of {data.name} "
-        "alone and with 144 or 336 other subjects (generator seed 2; the same steps for every size); Dice on the 12 "
-        f"test volumes and on the {len(extra.images)} other held-out subjects (generator seed 1) of the `segmenter` "
-        "section, 95% bootstrap intervals over volumes; the lesion groups as there. Seed 0, one run per row.", "",
+        f"alone and with {' or '.join(map(str, added))} other subjects (generator seed 2; the same steps for every "
+        f"size); Dice on the {len(test.images)} test volumes and on the {len(extra.images)} other held-out subjects "
+        "(generator seed 1) of the `segmenter` section, 95% bootstrap intervals over volumes; the lesion groups as "
+        "there. Seed 0, one run per row.", "",
         *rows,
     ])
     write_section("segmenter_scaling", md)
@@ -150,15 +155,10 @@ def main() -> None:
                   "|---" * (len(names) + 7) + "|"]
     per_lesion = {}
     for label, spec in VARIANTS.items():
-        cfg = dataclasses.replace(base, seg=dataclasses.replace(base.seg, **spec))
-        t = time.perf_counter()
-        model, info = train_segmenter(train.images, train.labels, cfg, seed=0)
-        seconds = time.perf_counter() - t
-        d = evaluate_dice(model, test.images, test.labels, cfg)
+        seconds, info, (d, e) = train_and_score(base, spec, train.images, train.labels, [test, extra])
         rows.append(f"| {label} | {seconds:.0f} | {info['steps']} | **{ci(d)}** | "
                     + " | ".join(ci(d, n) for n in names) + " |")
         per_lesion[label] = lesion_cases(test, d, cls)
-        e = evaluate_dice(model, extra.images, extra.labels, cfg)
         rows_extra.append(f"| {label} | **{ci(e)}** | " + " | ".join(ci(e, n) for n in names) + " | "
                           + lesion_groups(extra, e, cls, liver) + " |")
         print(rows[-1], per_lesion[label], rows_extra[-1], flush=True)
